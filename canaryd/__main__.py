@@ -1,0 +1,3 @@
+from canaryd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Daemon settings: environment (``CANARYD_*``), an optional YAML file, then defaults.
+
+Cluster-wide rollout defaults live in ``RolloutDefaults``; a route's annotations override them.
+The file named by ``CANARYD_CONFIG_FILE`` (see ``config/canaryd.yaml``) is read first and the
+environment wins over it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class RolloutDefaults(BaseModel):
+    """Defaults for every rollout; each has a ``canaryd.io/*`` annotation that overrides it."""
+
+    steps: list[int] = Field(default=[5, 10, 25, 50, 100])
+    """Canary weight in percent at each step; the last must be 100."""
+    interval_s: float = 60.0
+    """Seconds to hold each step (and the analysis window when none is set)."""
+    failure_threshold: int = 2
+    """Consecutive failed analysis rounds that trigger a rollback."""
+    ready_deadline_s: float = 300.0
+    """How long the canary may lack ready endpoints before the rollout rolls back."""
+    analysis: str = "none"
+    """Signals to judge between steps: ``none``, ``envoy``, ``dapr``, ``custom:<name>``, comma-joined."""
+    success_rate_min: float = 99.0
+    """Minimum canary success rate in percent (absolute check)."""
+    latency_max_ms: float | None = None
+    """Maximum canary latency quantile in milliseconds (absolute check), unset = no check."""
+    latency_quantile: float = 0.99
+    min_requests: int = 50
+    """Below this many canary requests in the window the verdict is inconclusive."""
+    max_inconclusive: int = 5
+    """Inconclusive rounds in a row before ``on_inconclusive`` happens."""
+    on_inconclusive: Literal["pause", "rollback"] = "pause"
+    confidence: float = 0.99
+    """Confidence of the canary-vs-stable test on error proportions."""
+    tolerance_pct: float = 0.5
+    """Tolerated extra error rate of the canary over the stable, in percentage points."""
+    max_errors: int = 3
+    """Consecutive analysis errors (Prometheus down, bad answer) before rolling back."""
+
+
+class PrometheusSettings(BaseModel):
+    url: str = "http://prometheus-server.monitoring:9090"
+    bearer_token_file: str | None = None
+    bearer_token: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_password_file: str | None = None
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = 10.0
+    max_concurrency: int = 4
+    envoy_cluster_pattern: str = ".*[:_/]{namespace}[:_/]{service}[:_]{port}$"
+    """Regex matched against ``envoy_cluster_name``; ``{namespace}``/``{service}``/``{port}``
+    are substituted (escaped). Cilium names GAMMA clusters ``<ns>/<parent>/<ns>:<svc>:<port>``."""
+    envoy_cluster_label: str = "envoy_cluster_name"
+    custom_templates_file: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CANARYD_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces to watch; empty = all namespaces."""
+    label_selector: str | None = None
+    max_concurrent_rollouts: int = 1000
+    leader_election: bool = True
+    lease_name: str = "canaryd-leader"
+    lease_namespace: str = "default"
+    lease_duration_s: float = 15.0
+    lease_renew_s: float = 5.0
+    identity: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "") or f"canaryd-{os.getpid()}")
+    http_port: int = 8080
+    http_host: str = "0.0.0.0"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+    kubeconfig: str | None = None
+    context: str | None = None
+    field_manager: str = "canaryd"
+    defaults: RolloutDefaults = Field(default_factory=RolloutDefaults)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlFileSource(settings_cls))
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads ``CANARYD_CONFIG_FILE`` (YAML) when set."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("CANARYD_CONFIG_FILE")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

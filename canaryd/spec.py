@@ -1,0 +1,257 @@
+"""The ``canaryd.io/*`` annotations on an HTTPRoute, parsed into a typed ``RolloutSpec``.
+
+Pure: no I/O. Every failure is a ``SpecError`` naming the annotation and the fix.
+See docs/annotations.md for the user-facing reference.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from canaryd.errors import SpecError
+from canaryd.settings import RolloutDefaults
+
+PREFIX = "canaryd.io/"
+CANARY = PREFIX + "canary"
+STABLE = PREFIX + "stable"
+STEPS = PREFIX + "steps"
+STEP_WEIGHT = PREFIX + "step-weight"
+MAX_WEIGHT = PREFIX + "max-weight"
+INTERVAL = PREFIX + "interval"
+ANALYSIS = PREFIX + "analysis"
+ANALYSIS_WINDOW = PREFIX + "analysis-window"
+SUCCESS_RATE_MIN = PREFIX + "success-rate-min"
+LATENCY_MAX = PREFIX + "latency-max"
+LATENCY_QUANTILE = PREFIX + "latency-quantile"
+MIN_REQUESTS = PREFIX + "min-requests"
+MAX_INCONCLUSIVE = PREFIX + "max-inconclusive"
+ON_INCONCLUSIVE = PREFIX + "on-inconclusive"
+CONFIDENCE = PREFIX + "confidence"
+TOLERANCE = PREFIX + "tolerance"
+FAILURE_THRESHOLD = PREFIX + "failure-threshold"
+MAX_ERRORS = PREFIX + "max-errors"
+READY_DEADLINE = PREFIX + "ready-deadline"
+APP_ID = PREFIX + "app-id"
+STABLE_APP_ID = PREFIX + "stable-app-id"
+CALLER_APP_ID = PREFIX + "caller-app-id"
+PORT = PREFIX + "port"
+# Controller-owned / CLI-written:
+STATE = PREFIX + "state"
+INTENT = PREFIX + "intent"
+
+USER_ANNOTATIONS = (
+    CANARY, STABLE, STEPS, STEP_WEIGHT, MAX_WEIGHT, INTERVAL, ANALYSIS, ANALYSIS_WINDOW,
+    SUCCESS_RATE_MIN, LATENCY_MAX, LATENCY_QUANTILE, MIN_REQUESTS, MAX_INCONCLUSIVE,
+    ON_INCONCLUSIVE, CONFIDENCE, TOLERANCE, FAILURE_THRESHOLD, MAX_ERRORS, READY_DEADLINE,
+    APP_ID, STABLE_APP_ID, CALLER_APP_ID, PORT,
+)
+
+Intent = Literal["promote", "abort", "pause", "resume", "retry"]
+INTENTS: tuple[Intent, ...] = ("promote", "abort", "pause", "resume", "retry")
+
+# DNS-1123 label: what a Service (and so a backendRef) name may be. Anything else is refused,
+# which also keeps these values safe to place inside PromQL label matchers.
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIGNAL = re.compile(r"^(none|envoy|dapr|custom:[a-z0-9]([-a-z0-9_]{0,61}[a-z0-9])?)$")
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    signals: tuple[str, ...]  # () = time-based rollout
+    window_s: float
+    success_rate_min: float  # percent
+    latency_max_ms: float | None
+    latency_quantile: float
+    min_requests: int
+    max_inconclusive: int
+    on_inconclusive: Literal["pause", "rollback"]
+    confidence: float
+    tolerance_pct: float
+    failure_threshold: int
+    max_errors: int
+    app_id: str | None
+    stable_app_id: str | None
+    caller_app_id: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.signals)
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    canary: str
+    stable: str | None  # None = the other backendRef of the rule
+    steps: tuple[int, ...]  # percent, strictly increasing, last == 100
+    interval_s: float
+    ready_deadline_s: float
+    port: int | None
+    analysis: AnalysisSpec
+
+    def fingerprint(self) -> str:
+        """Identity of the rollout: a change of canary (or stable) starts a new rollout."""
+        return f"{self.stable or ''}->{self.canary}"
+
+
+def parse_duration(annotation: str, raw: str) -> float:
+    m = _DURATION.match(raw)
+    if not m:
+        raise SpecError(annotation, f"cannot parse duration {raw!r}; write e.g. '30s', '2m', '500ms'")
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if value <= 0:
+        raise SpecError(annotation, f"duration {raw!r} must be greater than zero")
+    return value
+
+
+def _int(annotation: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SpecError(annotation, f"{raw!r} is not a whole number; write e.g. '{lo}'") from None
+    if not lo <= value <= hi:
+        raise SpecError(annotation, f"{value} is out of range; use {lo}..{hi}")
+    return value
+
+
+def _float(annotation: str, raw: str, lo: float, hi: float) -> float:
+    try:
+        value = float(raw.strip().rstrip("%"))
+    except ValueError:
+        raise SpecError(annotation, f"{raw!r} is not a number") from None
+    if not lo <= value <= hi:
+        raise SpecError(annotation, f"{value:g} is out of range; use {lo:g}..{hi:g}")
+    return value
+
+
+def _name(annotation: str, raw: str) -> str:
+    value = raw.strip()
+    if not _DNS_LABEL.match(value):
+        raise SpecError(
+            annotation,
+            f"{raw!r} is not a valid backend/app name (lowercase letters, digits and '-', "
+            "at most 63 characters)",
+        )
+    return value
+
+
+def parse_steps(raw: str) -> tuple[int, ...]:
+    parts = [p.strip().rstrip("%") for p in raw.split(",") if p.strip()]
+    if not parts:
+        raise SpecError(STEPS, "no steps given; write e.g. '5,10,25,50,100'")
+    steps: list[int] = []
+    for p in parts:
+        try:
+            v = int(p)
+        except ValueError:
+            raise SpecError(STEPS, f"step {p!r} is not a whole percent; write e.g. '5,10,25,50,100'") from None
+        if not 0 < v <= 100:
+            raise SpecError(STEPS, f"step {v} is outside 1..100")
+        if steps and v <= steps[-1]:
+            raise SpecError(STEPS, f"steps must increase: {steps[-1]} then {v}")
+        steps.append(v)
+    if steps[-1] != 100:
+        steps.append(100)
+    return tuple(steps)
+
+
+def steps_from_increment(step: int, maximum: int) -> tuple[int, ...]:
+    out = list(range(step, maximum + 1, step))
+    if not out or out[-1] != 100:
+        out.append(100)
+    return tuple(dict.fromkeys(out))
+
+
+def parse_spec(annotations: Mapping[str, str], defaults: RolloutDefaults) -> RolloutSpec | None:
+    """Return the spec, ``None`` when the route is not annotated for canaryd, or raise ``SpecError``."""
+    a = annotations
+    if CANARY not in a:
+        return None
+    canary = _name(CANARY, a[CANARY])
+    stable = _name(STABLE, a[STABLE]) if a.get(STABLE, "").strip() else None
+    if stable == canary:
+        raise SpecError(STABLE, f"stable and canary are both {canary!r}; name two different backends")
+
+    if STEPS in a and (STEP_WEIGHT in a or MAX_WEIGHT in a):
+        raise SpecError(STEPS, f"set either {STEPS} or {STEP_WEIGHT}/{MAX_WEIGHT}, not both")
+    if STEPS in a:
+        steps = parse_steps(a[STEPS])
+    elif STEP_WEIGHT in a:
+        inc = _int(STEP_WEIGHT, a[STEP_WEIGHT], 1, 100)
+        mx = _int(MAX_WEIGHT, a[MAX_WEIGHT], inc, 100) if MAX_WEIGHT in a else 100
+        steps = steps_from_increment(inc, mx)
+    elif MAX_WEIGHT in a:
+        raise SpecError(MAX_WEIGHT, f"{MAX_WEIGHT} needs {STEP_WEIGHT}")
+    else:
+        steps = parse_steps(",".join(str(s) for s in defaults.steps))
+
+    interval = parse_duration(INTERVAL, a[INTERVAL]) if INTERVAL in a else defaults.interval_s
+    deadline = (
+        parse_duration(READY_DEADLINE, a[READY_DEADLINE]) if READY_DEADLINE in a else defaults.ready_deadline_s
+    )
+    port = _int(PORT, a[PORT], 1, 65535) if PORT in a else None
+
+    raw_signals = a.get(ANALYSIS, defaults.analysis)
+    signals: list[str] = []
+    for s in (x.strip() for x in raw_signals.split(",")):
+        if not s:
+            continue
+        if not _SIGNAL.match(s):
+            raise SpecError(ANALYSIS, f"unknown signal {s!r}; use none, envoy, dapr or custom:<template-name>")
+        if s != "none" and s not in signals:
+            signals.append(s)
+    latency_max: float | None = defaults.latency_max_ms
+    if LATENCY_MAX in a:
+        latency_max = parse_duration(LATENCY_MAX, a[LATENCY_MAX]) * 1000.0
+    app_id = _name(APP_ID, a[APP_ID]) if APP_ID in a else None
+    if "dapr" in signals and app_id is None:
+        raise SpecError(APP_ID, f"the dapr signal needs {APP_ID} (the Dapr app-id of the service)")
+
+    analysis = AnalysisSpec(
+        signals=tuple(signals),
+        window_s=parse_duration(ANALYSIS_WINDOW, a[ANALYSIS_WINDOW]) if ANALYSIS_WINDOW in a else interval,
+        success_rate_min=_float(SUCCESS_RATE_MIN, a[SUCCESS_RATE_MIN], 0, 100)
+        if SUCCESS_RATE_MIN in a else defaults.success_rate_min,
+        latency_max_ms=latency_max,
+        latency_quantile=_float(LATENCY_QUANTILE, a[LATENCY_QUANTILE], 0.5, 0.999)
+        if LATENCY_QUANTILE in a else defaults.latency_quantile,
+        min_requests=_int(MIN_REQUESTS, a[MIN_REQUESTS], 1, 10**9) if MIN_REQUESTS in a else defaults.min_requests,
+        max_inconclusive=_int(MAX_INCONCLUSIVE, a[MAX_INCONCLUSIVE], 1, 10**6)
+        if MAX_INCONCLUSIVE in a else defaults.max_inconclusive,
+        on_inconclusive=_on_inconclusive(a.get(ON_INCONCLUSIVE, defaults.on_inconclusive)),
+        confidence=_float(CONFIDENCE, a[CONFIDENCE], 0.5, 0.9999) if CONFIDENCE in a else defaults.confidence,
+        tolerance_pct=_float(TOLERANCE, a[TOLERANCE], 0, 100) if TOLERANCE in a else defaults.tolerance_pct,
+        failure_threshold=_int(FAILURE_THRESHOLD, a[FAILURE_THRESHOLD], 1, 1000)
+        if FAILURE_THRESHOLD in a else defaults.failure_threshold,
+        max_errors=_int(MAX_ERRORS, a[MAX_ERRORS], 1, 1000) if MAX_ERRORS in a else defaults.max_errors,
+        app_id=app_id,
+        stable_app_id=_name(STABLE_APP_ID, a[STABLE_APP_ID]) if STABLE_APP_ID in a else None,
+        caller_app_id=_name(CALLER_APP_ID, a[CALLER_APP_ID]) if CALLER_APP_ID in a else None,
+    )
+    return RolloutSpec(
+        canary=canary, stable=stable, steps=steps, interval_s=interval,
+        ready_deadline_s=deadline, port=port, analysis=analysis,
+    )
+
+
+def _on_inconclusive(raw: str) -> Literal["pause", "rollback"]:
+    v = raw.strip()
+    if v == "pause":
+        return "pause"
+    if v == "rollback":
+        return "rollback"
+    raise SpecError(ON_INCONCLUSIVE, f"{raw!r} is not 'pause' or 'rollback'")
+
+
+def parse_intent(raw: str | None) -> Intent | None:
+    if raw is None or not raw.strip():
+        return None
+    v = raw.strip().split("@", 1)[0]
+    for i in INTENTS:
+        if v == i:
+            return i
+    raise SpecError(INTENT, f"unknown intent {raw!r}; use one of {', '.join(INTENTS)}")
