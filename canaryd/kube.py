@@ -41,7 +41,7 @@ async def new_client(kubeconfig: str | None = None, context: str | None = None) 
             raise KubeError(f"cannot load kubeconfig {path or default}: {exc}; "
                             "pass --kubeconfig or set KUBECONFIG") from exc
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=cfg)
+        config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     else:
         raise KubeError("no kubeconfig found (KUBECONFIG, --kubeconfig, ~/.kube/config) and not "
                         "running in a pod; point canaryd at a cluster")

@@ -63,6 +63,10 @@ class PrometheusSettings(BaseModel):
     are substituted (escaped). Cilium names GAMMA clusters ``<ns>/<parent>/<ns>:<svc>:<port>``."""
     envoy_cluster_label: str = "envoy_cluster_name"
     custom_templates_file: str | None = None
+    batch_window_s: float = 0.05
+    """How long the analyzer waits to coalesce concurrent analyses into one query per metric."""
+    batch_max_targets: int = 200
+    """Most routes in one batched query (keeps the regex union, and the URL, bounded)."""
 
 
 class Settings(BaseSettings):

@@ -80,6 +80,7 @@ class RolloutState:
     started_at: str
     step_started_at: str | None  # when the current step's weights were written
     updated_at: str
+    next_at: str | None = None  # when the next action (analysis/step) is due
     message: str = ""
     failures: int = 0  # consecutive failed rounds
     inconclusive: int = 0  # consecutive inconclusive rounds
@@ -129,14 +130,15 @@ class RolloutState:
                 )
             return cls(
                 phase=Phase(d["phase"]),
-                canary=str(d["canary"]),
-                stable=str(d["stable"]),
-                steps=tuple(int(s) for s in d["steps"]),
+                canary=str(d.get("canary", "")),
+                stable=str(d.get("stable", "")),
+                steps=tuple(int(s) for s in d.get("steps", [])),
                 step=int(d["step"]),
                 canary_weight=int(d["canary_weight"]),
                 started_at=str(d["started_at"]),
                 step_started_at=d.get("step_started_at"),
                 updated_at=str(d["updated_at"]),
+                next_at=d.get("next_at"),
                 message=str(d.get("message", "")),
                 failures=int(d.get("failures", 0)),
                 inconclusive=int(d.get("inconclusive", 0)),

@@ -1,0 +1,119 @@
+"""``canaryd run``: the controller daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import structlog
+
+from canaryd.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser(
+        "run", help="run the controller",
+        description="Watch annotated HTTPRoutes and step their weights. Settings come from CANARYD_* "
+                    "environment variables and the YAML file in CANARYD_CONFIG_FILE (see config/canaryd.yaml).",
+        epilog="example:\n  CANARYD_PROMETHEUS__URL=http://127.0.0.1:9090 canaryd run --kubeconfig ~/.kube/config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster)")
+    p.add_argument("--context", help="kubeconfig context")
+    p.add_argument("--no-leader-election", action="store_true", help="act without a Lease (single replica)")
+    p.add_argument("--http-port", type=int, help="port for /metrics, /healthz, /readyz")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.kubeconfig:
+        overrides["kubeconfig"] = args.kubeconfig
+    if args.context:
+        overrides["context"] = args.context
+    if args.no_leader_election:
+        overrides["leader_election"] = False
+    if args.http_port is not None:
+        overrides["http_port"] = args.http_port
+    settings = Settings(**overrides)
+    return asyncio.run(run_daemon(settings))
+
+
+async def run_daemon(settings: Settings) -> int:
+    from canaryd import logs
+    from canaryd.engine import Engine
+    from canaryd.kube import new_client
+    from canaryd.leader import LeaderElector
+    from canaryd.observability import Metrics, serve
+
+    logs.configure(settings.log_format, settings.log_level)
+    log = structlog.get_logger("canaryd")
+    api = await new_client(settings.kubeconfig, settings.context)
+    metrics = Metrics.create()
+    analyzer = _analyzer(settings)
+    elector = (LeaderElector(api, name=settings.lease_name, namespace=settings.lease_namespace,
+                             identity=settings.identity, duration_s=settings.lease_duration_s,
+                             renew_s=settings.lease_renew_s) if settings.leader_election else None)
+    engine = Engine(api, settings, analyzer=analyzer, metrics=metrics,
+                    is_leader=(lambda: elector.is_leader) if elector else (lambda: True))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    runner = await serve(metrics, settings.http_host, settings.http_port,
+                         ready=lambda: engine.synced or (elector is not None and not elector.is_leader))
+    log.info("started", identity=settings.identity, http_port=settings.http_port,
+             leader_election=settings.leader_election, namespaces=settings.namespaces or "all")
+    rc = 0
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        if elector is not None:
+            tasks.append(asyncio.create_task(elector.run(), name="leader"))
+            waiter = asyncio.create_task(elector.elected.wait())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if stop.is_set():
+                return 0
+            metrics.leader.set(1)
+        engine_task = asyncio.create_task(engine.run(), name="engine")
+        tasks.append(engine_task)
+        watch = [asyncio.create_task(stop.wait(), name="stop")]
+        if elector is not None:
+            watch.append(asyncio.create_task(elector.lost.wait(), name="lost"))
+        done, pending = await asyncio.wait({engine_task, *watch}, return_when=asyncio.FIRST_COMPLETED)
+        for t in watch:
+            t.cancel()
+        if engine_task in done:
+            engine_task.result()  # an informer died: surface it
+            rc = 1
+        elif elector is not None and elector.lost.is_set():
+            log.error("leadership_lost_exiting")
+            rc = 1
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        metrics.leader.set(0)
+        if elector is not None:
+            await elector.release()
+        if analyzer is not None:
+            with contextlib.suppress(Exception):
+                await analyzer.aclose()
+        await runner.cleanup()
+        await api.close()
+        log.info("stopped", rc=rc)
+    return rc
+
+
+def _analyzer(settings: Settings) -> Any:
+    from canaryd.metrics import PrometheusAnalyzer
+
+    return PrometheusAnalyzer(settings.prometheus)

@@ -1,0 +1,76 @@
+"""Fixtures over the same code as ``canaryd devstack``: one real control plane per session.
+
+Nothing here skips: a missing binary or server fails the run with the message that says
+what to install.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes_asyncio import client
+
+from canaryd.devstack import controlplane
+from canaryd.devstack.controlplane import StackInfo
+from canaryd.kube import new_client
+
+pytest_plugins = ["tests.plugin_prometheus"]
+
+
+@dataclass(frozen=True)
+class Stack:
+    info: StackInfo
+    kubeconfig: Path
+    bin_dir: Path
+    dir: Path
+
+    @property
+    def server(self) -> str:
+        return self.info.server
+
+    def kubectl(self, *args: str, input: str | None = None, kubeconfig: str | None = None,
+                check: bool = True) -> str:
+        return controlplane.kubectl(self.info, *args, input=input, kubeconfig=kubeconfig, check=check).stdout
+
+    def sa_kubeconfig(self, namespace: str, service_account: str) -> Path:
+        out = self.dir / f"sa-{namespace}-{service_account}.kubeconfig"
+        return controlplane.mint_sa_kubeconfig(self.info, namespace, service_account, out)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    directory = Path(tempfile.mkdtemp(prefix="canaryd-stack-"))
+    info = controlplane.start_control_plane(directory)
+    try:
+        yield Stack(info=info, kubeconfig=Path(info.kubeconfig), bin_dir=Path(info.bin_dir), dir=directory)
+    finally:
+        controlplane.stop_stack(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def api(stack: Stack) -> AsyncIterator[client.ApiClient]:
+    c = await new_client(str(stack.kubeconfig))
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def namespace(api: client.ApiClient) -> AsyncIterator[str]:
+    name = f"t-{secrets.token_hex(4)}"
+    core = client.CoreV1Api(api)
+    await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    # The default ServiceAccount is made by controller-manager, which devstack does not run.
+    await core.create_namespaced_service_account(name, client.V1ServiceAccount(
+        metadata=client.V1ObjectMeta(name="default")))
+    yield name
+    # No namespace controller runs, so the namespace would stay Terminating: leave it for
+    # the session's end, when the whole control plane goes.

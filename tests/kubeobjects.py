@@ -1,0 +1,111 @@
+"""Builders for the ordinary Kubernetes objects tests need (no controller-manager runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from kubernetes_asyncio import client
+
+from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
+
+T = TypeVar("T")
+
+
+def route_body(name: str, *, parent: str = "whoami", backends: tuple[tuple[str, int], ...] = (("whoami-v1", 100), ("whoami-v2", 0)),
+               annotations: dict[str, str] | None = None, extra_rules: list[dict[str, Any]] | None = None,
+               parent_kind: str = "Service") -> dict[str, Any]:
+    parent_ref: dict[str, Any] = ({"group": "", "kind": "Service", "name": parent, "port": 80} if parent_kind == "Service"
+                                  else {"name": parent})
+    return {
+        "apiVersion": f"{GATEWAY_GROUP}/{GATEWAY_VERSION}",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "annotations": annotations or {}, "labels": {"app": "whoami"}},
+        "spec": {
+            "parentRefs": [parent_ref],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "filters": [{"type": "RequestHeaderModifier",
+                                 "requestHeaderModifier": {"set": [{"name": "x-route", "value": name}]}}],
+                    "backendRefs": [{"name": b, "port": 80, "weight": w} for b, w in backends],
+                },
+                *(extra_rules or []),
+            ],
+        },
+    }
+
+
+async def create_route(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    co = client.CustomObjectsApi(api)
+    out: dict[str, Any] = await co.create_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, body)
+    return out
+
+
+async def get_route(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    co = client.CustomObjectsApi(api)
+    out: dict[str, Any] = await co.get_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, name)
+    return out
+
+
+async def patch_route(api: client.ApiClient, namespace: str, name: str, body: Any) -> dict[str, Any]:
+    co = client.CustomObjectsApi(api)
+    kw: dict[str, Any] = {} if isinstance(body, list) else {"_content_type": "application/merge-patch+json"}
+    out: dict[str, Any] = await co.patch_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES,
+                                                                  name, body, **kw)
+    return out
+
+
+async def create_backend(api: client.ApiClient, namespace: str, name: str, *, port: int = 80, ready: bool = True,
+                         target_port: int | None = None) -> None:
+    """A selector-less Service and (if ``ready``) an EndpointSlice with one ready endpoint.
+
+    The apiserver refuses loopback endpoint addresses, so a TEST-NET-1 address stands in;
+    nothing dials it (no data plane runs in these tests).
+    """
+    core = client.CoreV1Api(api)
+    await core.create_namespaced_service(namespace, client.V1Service(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=port, name="http")])))
+    if ready:
+        await set_endpoints(api, namespace, name, ready=True, port=target_port or port)
+
+
+async def set_endpoints(api: client.ApiClient, namespace: str, service: str, *, ready: bool, port: int = 80) -> None:
+    disc = client.DiscoveryV1Api(api)
+    body = client.V1EndpointSlice(
+        metadata=client.V1ObjectMeta(name=f"{service}-local", labels={"kubernetes.io/service-name": service}),
+        address_type="IPv4",
+        endpoints=[client.V1Endpoint(addresses=["192.0.2.10"], conditions=client.V1EndpointConditions(ready=ready))],
+        ports=[client.DiscoveryV1EndpointPort(name="http", port=port, protocol="TCP")],
+    )
+    try:
+        await disc.create_namespaced_endpoint_slice(namespace, body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+        await disc.replace_namespaced_endpoint_slice(f"{service}-local", namespace, body)
+
+
+def weights(route: dict[str, Any], rule: int = 0) -> dict[str, int]:
+    return {b["name"]: b.get("weight", 1) for b in route["spec"]["rules"][rule]["backendRefs"]}
+
+
+async def eventually(fn: Callable[[], Awaitable[T | None]], *, timeout: float, interval: float = 0.1,
+                     what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def route_events(api: client.ApiClient, namespace: str, name: str) -> list[client.CoreV1Event]:
+    core = client.CoreV1Api(api)
+    evs = await core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    return sorted(evs.items, key=lambda e: int(e.metadata.resource_version))  # creation order
