@@ -63,29 +63,55 @@ def weights_text(stable: str, canary: str, pct: int) -> str:
 
 def _fresh(spec: RolloutSpec, stable: str, now: datetime, current_pct: int) -> RolloutState:
     return RolloutState(
-        phase=Phase.PROGRESSING, canary=spec.canary, stable=stable, steps=spec.steps, step=-1,
-        canary_weight=current_pct, started_at=ts(now) or "", step_started_at=None,
-        updated_at=ts(now) or "", next_at=None, message="rollout started",
+        phase=Phase.PROGRESSING,
+        canary=spec.canary,
+        stable=stable,
+        steps=spec.steps,
+        step=-1,
+        canary_weight=current_pct,
+        started_at=ts(now) or "",
+        step_started_at=None,
+        updated_at=ts(now) or "",
+        next_at=None,
+        message="rollout started",
     )
 
 
 def _rollback(st: RolloutState, now: datetime, why: str, events: list[Event], reason: str = "RolledBack") -> Decision:
-    new = st.with_(phase=Phase.ROLLED_BACK, canary_weight=0, updated_at=ts(now), next_at=None,
-                   message=f"rolled back: {why}", paused_phase=None)
+    new = st.with_(
+        phase=Phase.ROLLED_BACK,
+        canary_weight=0,
+        updated_at=ts(now),
+        next_at=None,
+        message=f"rolled back: {why}",
+        paused_phase=None,
+    )
     events.append(Event("Warning", reason, f"rolled back to {st.stable}: {why}"))
     return Decision(state=new, canary_pct=0, events=tuple(events), transitions=(Phase.ROLLED_BACK.value,))
 
 
 def _promote(st: RolloutState, now: datetime, why: str, events: list[Event]) -> Decision:
-    new = st.with_(phase=Phase.PROMOTED, canary_weight=100, step=len(st.steps) - 1, updated_at=ts(now),
-                   step_started_at=ts(now), next_at=None, message=f"promoted: {why}", paused_phase=None)
-    events.append(Event("Normal", "Promoted", f"{st.canary} promoted ({why}); {weights_text(st.stable, st.canary, 100)}"))
+    new = st.with_(
+        phase=Phase.PROMOTED,
+        canary_weight=100,
+        step=len(st.steps) - 1,
+        updated_at=ts(now),
+        step_started_at=ts(now),
+        next_at=None,
+        message=f"promoted: {why}",
+        paused_phase=None,
+    )
+    events.append(
+        Event("Normal", "Promoted", f"{st.canary} promoted ({why}); {weights_text(st.stable, st.canary, 100)}")
+    )
     return Decision(state=new, canary_pct=100, events=tuple(events), transitions=(Phase.PROMOTED.value,))
 
 
-def _apply_intent(intent: Intent, st: RolloutState, spec: RolloutSpec, now: datetime,
-                  events: list[Event]) -> tuple[RolloutState, Decision | None]:
+def _apply_intent(
+    intent: Intent, st: RolloutState, spec: RolloutSpec, now: datetime, events: list[Event]
+) -> tuple[RolloutState, Decision | None]:
     """Apply a manual intent; returns the state to continue with, or a final decision."""
+
     def record(s: RolloutState, result: str) -> RolloutState:
         return s.add_intent(IntentRecord(intent=intent, at=ts(now) or "", result=result))
 
@@ -101,8 +127,9 @@ def _apply_intent(intent: Intent, st: RolloutState, spec: RolloutSpec, now: date
     if intent == "pause":
         if st.phase.terminal or st.phase == Phase.PAUSED:
             return record(st, f"ignored: rollout is {st.phase.value}"), None
-        new = record(st, "applied").with_(phase=Phase.PAUSED, paused_phase=st.phase.value,
-                                          message="paused by user", updated_at=ts(now), next_at=None)
+        new = record(st, "applied").with_(
+            phase=Phase.PAUSED, paused_phase=st.phase.value, message="paused by user", updated_at=ts(now), next_at=None
+        )
         events.append(Event("Normal", "Paused", f"paused at {_step_label(st)} by user"))
         return st, Decision(state=new, events=tuple(events), transitions=(Phase.PAUSED.value,))
     if intent == "resume":
@@ -111,8 +138,15 @@ def _apply_intent(intent: Intent, st: RolloutState, spec: RolloutSpec, now: date
         phase = Phase(st.paused_phase or Phase.PROGRESSING.value)
         # A fresh window at the current step: what happened while paused is not judged.
         nxt = now + timedelta(seconds=spec.interval_s) if st.step >= 0 else now
-        new = record(st, "applied").with_(phase=phase, paused_phase=None, message="resumed by user",
-                                          updated_at=ts(now), next_at=ts(nxt), inconclusive=0, errors=0)
+        new = record(st, "applied").with_(
+            phase=phase,
+            paused_phase=None,
+            message="resumed by user",
+            updated_at=ts(now),
+            next_at=ts(nxt),
+            inconclusive=0,
+            errors=0,
+        )
         events.append(Event("Normal", "Resumed", f"resumed at {_step_label(st)} by user"))
         return st, Decision(state=new, events=tuple(events), wake_at=nxt, transitions=(phase.value,))
     # retry
@@ -132,23 +166,46 @@ def decide(f: Facts) -> Decision:
         message = f.error or "invalid spec"
         if st is not None and st.phase == Phase.FAILED and st.message == message:
             return Decision(consume_intent=f.intent is not None)
-        base = st or RolloutState(phase=Phase.FAILED, canary="", stable="", steps=(), step=-1,
-                                  canary_weight=f.current_canary_pct, started_at=ts(now) or "",
-                                  step_started_at=None, updated_at=ts(now) or "")
+        base = st or RolloutState(
+            phase=Phase.FAILED,
+            canary="",
+            stable="",
+            steps=(),
+            step=-1,
+            canary_weight=f.current_canary_pct,
+            started_at=ts(now) or "",
+            step_started_at=None,
+            updated_at=ts(now) or "",
+        )
         new = base.with_(phase=Phase.FAILED, message=message, updated_at=ts(now), next_at=None)
-        return Decision(state=new, events=(Event("Warning", "InvalidSpec", f"{message}; the route was left untouched"),),
-                        consume_intent=f.intent is not None, transitions=(Phase.FAILED.value,))
+        return Decision(
+            state=new,
+            events=(Event("Warning", "InvalidSpec", f"{message}; the route was left untouched"),),
+            consume_intent=f.intent is not None,
+            transitions=(Phase.FAILED.value,),
+        )
 
     spec, stable = f.spec, f.stable
     changed = False
     if st is None or st.canary != spec.canary or st.stable != stable or st.phase == Phase.FAILED:
         if st is not None and st.phase != Phase.FAILED and not st.phase.terminal:
-            events.append(Event("Normal", "Restarted",
-                                f"canary changed from {st.canary} to {spec.canary}; restarting from the first step"))
+            events.append(
+                Event(
+                    "Normal",
+                    "Restarted",
+                    f"canary changed from {st.canary} to {spec.canary}; restarting from the first step",
+                )
+            )
         st = _fresh(spec, stable, now, f.current_canary_pct)
         if not events:
-            events.append(Event("Normal", "RolloutStarted", f"rolling out {spec.canary} over {stable} in steps "
-                                f"{','.join(map(str, spec.steps))} every {spec.interval_s:g}s"))
+            events.append(
+                Event(
+                    "Normal",
+                    "RolloutStarted",
+                    f"rolling out {spec.canary} over {stable} in steps "
+                    f"{','.join(map(str, spec.steps))} every {spec.interval_s:g}s",
+                )
+            )
         changed = True
     elif st.steps != spec.steps and not st.phase.terminal:
         # New steps mid-rollout: continue from the highest new step not above the current weight.
@@ -162,12 +219,22 @@ def decide(f: Facts) -> Decision:
         st, final = _apply_intent(f.intent, st, spec, now, events)
         changed = True
         if final is not None:
-            return Decision(state=final.state, canary_pct=final.canary_pct, events=final.events,
-                            wake_at=final.wake_at, consume_intent=True, transitions=final.transitions)
+            return Decision(
+                state=final.state,
+                canary_pct=final.canary_pct,
+                events=final.events,
+                wake_at=final.wake_at,
+                consume_intent=True,
+                transitions=final.transitions,
+            )
 
     def hold(new: RolloutState, wake: datetime | None) -> Decision:
-        return Decision(state=new if (changed or new is not st) else None, events=tuple(events),
-                        wake_at=wake, consume_intent=consume)
+        return Decision(
+            state=new if (changed or new is not st) else None,
+            events=tuple(events),
+            wake_at=wake,
+            consume_intent=consume,
+        )
 
     if st.phase.terminal or st.phase == Phase.PAUSED:
         return hold(st, None)
@@ -190,17 +257,29 @@ def decide(f: Facts) -> Decision:
             st = st.with_(failures=st.failures + 1, inconclusive=0, errors=0, updated_at=ts(now))
             if st.failures >= a.failure_threshold:
                 return _with_consume(_rollback(st, now, why, events, reason="RolledBack"), consume)
-            events.append(Event("Warning", "AnalysisFailed",
-                                f"{_step_label(st)}: {why} (failure {st.failures}/{a.failure_threshold})"))
+            events.append(
+                Event(
+                    "Warning",
+                    "AnalysisFailed",
+                    f"{_step_label(st)}: {why} (failure {st.failures}/{a.failure_threshold})",
+                )
+            )
             st = st.with_(next_at=ts(retry_at), message=f"analysis failed {st.failures}/{a.failure_threshold}: {why}")
             return Decision(state=st, events=tuple(events), wake_at=retry_at, consume_intent=consume)
         if verdict == Verdict.ERROR:
             st = st.with_(errors=st.errors + 1, updated_at=ts(now))
             if st.errors >= a.max_errors:
-                return _with_consume(_rollback(st, now, f"analysis errored {st.errors} times in a row: {why}",
-                                               events, reason="AnalysisError"), consume)
-            events.append(Event("Warning", "AnalysisError", f"{_step_label(st)}: {why} "
-                                f"(error {st.errors}/{a.max_errors}; holding)"))
+                return _with_consume(
+                    _rollback(
+                        st, now, f"analysis errored {st.errors} times in a row: {why}", events, reason="AnalysisError"
+                    ),
+                    consume,
+                )
+            events.append(
+                Event(
+                    "Warning", "AnalysisError", f"{_step_label(st)}: {why} (error {st.errors}/{a.max_errors}; holding)"
+                )
+            )
             st = st.with_(next_at=ts(retry_at), message=f"analysis error {st.errors}/{a.max_errors}: {why}")
             return Decision(state=st, events=tuple(events), wake_at=retry_at, consume_intent=consume)
         if verdict == Verdict.INCONCLUSIVE:
@@ -209,12 +288,19 @@ def decide(f: Facts) -> Decision:
                 why_all = f"{st.inconclusive} inconclusive rounds in a row: {why}"
                 if a.on_inconclusive == "rollback":
                     return _with_consume(_rollback(st, now, why_all, events, reason="Inconclusive"), consume)
-                st = st.with_(phase=Phase.PAUSED, paused_phase=Phase.PROGRESSING.value, next_at=None,
-                              message=f"paused: {why_all}")
-                events.append(Event("Warning", "Inconclusive", f"paused at {_step_label(st)}: {why_all}; "
-                                    "'canaryd resume' to continue or 'canaryd abort'"))
-                return Decision(state=st, events=tuple(events), consume_intent=consume,
-                                transitions=(Phase.PAUSED.value,))
+                st = st.with_(
+                    phase=Phase.PAUSED, paused_phase=Phase.PROGRESSING.value, next_at=None, message=f"paused: {why_all}"
+                )
+                events.append(
+                    Event(
+                        "Warning",
+                        "Inconclusive",
+                        f"paused at {_step_label(st)}: {why_all}; 'canaryd resume' to continue or 'canaryd abort'",
+                    )
+                )
+                return Decision(
+                    state=st, events=tuple(events), consume_intent=consume, transitions=(Phase.PAUSED.value,)
+                )
             st = st.with_(next_at=ts(retry_at), message=f"inconclusive {st.inconclusive}/{a.max_inconclusive}: {why}")
             return Decision(state=st, events=tuple(events), wake_at=retry_at, consume_intent=consume)
         st = st.with_(failures=0, inconclusive=0, errors=0)
@@ -224,15 +310,38 @@ def decide(f: Facts) -> Decision:
         since = parse_ts(st.waiting_since) or now
         deadline = since + timedelta(seconds=spec.ready_deadline_s)
         if now >= deadline:
-            return _with_consume(_rollback(st, now, f"{st.canary} had no ready endpoints for "
-                                           f"{spec.ready_deadline_s:g}s", events, reason="NotReady"), consume)
+            return _with_consume(
+                _rollback(
+                    st,
+                    now,
+                    f"{st.canary} had no ready endpoints for {spec.ready_deadline_s:g}s",
+                    events,
+                    reason="NotReady",
+                ),
+                consume,
+            )
         if st.phase != Phase.WAITING:
-            events.append(Event("Warning", "WaitingForEndpoints", f"{st.canary} has no ready endpoints; holding "
-                                f"{_step_label(st)} (rollback in {spec.ready_deadline_s:g}s)"))
-            st = st.with_(phase=Phase.WAITING, waiting_since=ts(since), updated_at=ts(now),
-                          message=f"waiting for ready endpoints of {st.canary}")
-            return Decision(state=st, events=tuple(events), wake_at=deadline, consume_intent=consume,
-                            transitions=(Phase.WAITING.value,))
+            events.append(
+                Event(
+                    "Warning",
+                    "WaitingForEndpoints",
+                    f"{st.canary} has no ready endpoints; holding "
+                    f"{_step_label(st)} (rollback in {spec.ready_deadline_s:g}s)",
+                )
+            )
+            st = st.with_(
+                phase=Phase.WAITING,
+                waiting_since=ts(since),
+                updated_at=ts(now),
+                message=f"waiting for ready endpoints of {st.canary}",
+            )
+            return Decision(
+                state=st,
+                events=tuple(events),
+                wake_at=deadline,
+                consume_intent=consume,
+                transitions=(Phase.WAITING.value,),
+            )
         return hold(st, deadline)
 
     nxt = st.step + 1
@@ -240,24 +349,43 @@ def decide(f: Facts) -> Decision:
     if pct >= 100:
         return _with_consume(_promote(st.with_(waiting_since=None), now, "all steps passed", events), consume)
     wake = now + timedelta(seconds=spec.interval_s)
-    new = st.with_(phase=Phase.PROGRESSING, step=nxt, canary_weight=pct, step_started_at=ts(now),
-                   next_at=ts(wake), updated_at=ts(now), waiting_since=None,
-                   message=f"{_step_label(st.with_(step=nxt))}: {weights_text(st.stable, st.canary, pct)}")
+    new = st.with_(
+        phase=Phase.PROGRESSING,
+        step=nxt,
+        canary_weight=pct,
+        step_started_at=ts(now),
+        next_at=ts(wake),
+        updated_at=ts(now),
+        waiting_since=None,
+        message=f"{_step_label(st.with_(step=nxt))}: {weights_text(st.stable, st.canary, pct)}",
+    )
     events.append(Event("Normal", "StepAdvanced", new.message))
     transitions = (Phase.PROGRESSING.value,) if st.phase != Phase.PROGRESSING else ()
-    return Decision(state=new, canary_pct=pct, events=tuple(events), wake_at=wake, consume_intent=consume,
-                    transitions=transitions)
+    return Decision(
+        state=new, canary_pct=pct, events=tuple(events), wake_at=wake, consume_intent=consume, transitions=transitions
+    )
 
 
 def _with_consume(d: Decision, consume: bool) -> Decision:
-    return Decision(state=d.state, canary_pct=d.canary_pct, events=d.events, wake_at=d.wake_at,
-                    analyze=d.analyze, consume_intent=consume or d.consume_intent, transitions=d.transitions)
+    return Decision(
+        state=d.state,
+        canary_pct=d.canary_pct,
+        events=d.events,
+        wake_at=d.wake_at,
+        analyze=d.analyze,
+        consume_intent=consume or d.consume_intent,
+        transitions=d.transitions,
+    )
 
 
 def _record(step: int, now: datetime, j: Judgement) -> AnalysisRecord:
     c, s = j.canary, j.stable
     return AnalysisRecord(
-        step=step, at=ts(now) or "", verdict=j.verdict.value, signal=j.signal, reason=j.reason,
+        step=step,
+        at=ts(now) or "",
+        verdict=j.verdict.value,
+        signal=j.signal,
+        reason=j.reason,
         canary_requests=None if c is None else round(c.requests, 1),
         canary_success=None if c is None or c.success_rate is None else round(c.success_rate, 3),
         canary_latency_ms=None if c is None or c.latency_ms is None else round(c.latency_ms, 1),

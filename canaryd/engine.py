@@ -11,6 +11,7 @@ Events and metrics. Conflicts re-read the route and decide again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,9 +75,16 @@ class _Worker:
 
 
 class Engine:
-    def __init__(self, api: client.ApiClient, settings: Settings, *, analyzer: Analyzer | None = None,
-                 metrics: Metrics | None = None, is_leader: Callable[[], bool] = lambda: True,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        settings: Settings,
+        *,
+        analyzer: Analyzer | None = None,
+        metrics: Metrics | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.api = api
         self.settings = settings
         self.analyzer = analyzer
@@ -104,21 +112,46 @@ class Engine:
         for scope in scopes:
             suffix = f"/{scope}" if scope else ""
             if scope:
-                out.append(Informer(f"httproutes{suffix}", raw(co.list_namespaced_custom_object),
-                                    (GATEWAY_GROUP, GATEWAY_VERSION, scope, HTTPROUTES),
-                                    on_change=self._on_route, label_selector=self.settings.label_selector))
-                out.append(Informer(f"services{suffix}", raw(core.list_namespaced_service), (scope,),
-                                    on_change=self._on_service))
-                out.append(Informer(f"endpointslices{suffix}", raw(disc.list_namespaced_endpoint_slice), (scope,),
-                                    on_change=self._on_slice))
+                out.append(
+                    Informer(
+                        f"httproutes{suffix}",
+                        raw(co.list_namespaced_custom_object),
+                        (GATEWAY_GROUP, GATEWAY_VERSION, scope, HTTPROUTES),
+                        on_change=self._on_route,
+                        label_selector=self.settings.label_selector,
+                    )
+                )
+                out.append(
+                    Informer(
+                        f"services{suffix}", raw(core.list_namespaced_service), (scope,), on_change=self._on_service
+                    )
+                )
+                out.append(
+                    Informer(
+                        f"endpointslices{suffix}",
+                        raw(disc.list_namespaced_endpoint_slice),
+                        (scope,),
+                        on_change=self._on_slice,
+                    )
+                )
             else:
-                out.append(Informer("httproutes", raw(co.list_cluster_custom_object),
-                                    (GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES),
-                                    on_change=self._on_route, label_selector=self.settings.label_selector))
-                out.append(Informer("services", raw(core.list_service_for_all_namespaces), (),
-                                    on_change=self._on_service))
-                out.append(Informer("endpointslices", raw(disc.list_endpoint_slice_for_all_namespaces), (),
-                                    on_change=self._on_slice))
+                out.append(
+                    Informer(
+                        "httproutes",
+                        raw(co.list_cluster_custom_object),
+                        (GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES),
+                        on_change=self._on_route,
+                        label_selector=self.settings.label_selector,
+                    )
+                )
+                out.append(
+                    Informer("services", raw(core.list_service_for_all_namespaces), (), on_change=self._on_service)
+                )
+                out.append(
+                    Informer(
+                        "endpointslices", raw(disc.list_endpoint_slice_for_all_namespaces), (), on_change=self._on_slice
+                    )
+                )
         return out
 
     def _route_cache(self, key: Key) -> dict[str, Any] | None:
@@ -137,7 +170,7 @@ class Engine:
     def _on_slice(self, key: Key, obj: dict[str, Any] | None) -> None:
         prev = self._ready_slices.pop(key, None)
         if obj is not None:
-            svc = ((obj["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL))
+            svc = (obj["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
             if svc:
                 self._ready_slices[key] = ((key[0], svc), slice_ready(obj))
         for entry in (prev, self._ready_slices.get(key)):
@@ -186,10 +219,8 @@ class Engine:
                         return
                     wake_at = await self.reconcile(obj)
                     timeout = None if wake_at is None else max(0.0, (wake_at - self.clock()).total_seconds())
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(w.wake.wait(), timeout)
-                    except TimeoutError:
-                        pass
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -219,7 +250,9 @@ class Engine:
                 d = decide(facts)
             if facts.spec is not None:
                 self._canary_of[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = (
-                    obj["metadata"]["namespace"], facts.spec.canary)
+                    obj["metadata"]["namespace"],
+                    facts.spec.canary,
+                )
             try:
                 await self._apply(obj, d, pair, raw_intent, facts.state)
                 return d.wake_at
@@ -232,8 +265,9 @@ class Engine:
         log.warning("conflict_retries_exhausted")
         return self.clock()
 
-    def _facts(self, obj: dict[str, Any], judgements: list[Judgement] | None
-               ) -> tuple[Facts, Pair | None, str | None, str | None]:
+    def _facts(
+        self, obj: dict[str, Any], judgements: list[Judgement] | None
+    ) -> tuple[Facts, Pair | None, str | None, str | None]:
         meta = obj["metadata"]
         a: dict[str, str] = meta.get("annotations") or {}
         now = self.clock()
@@ -262,51 +296,75 @@ class Engine:
                     raise SpecError(ann.CANARY, "missing; set it to the backendRef to roll out")
                 parents = gamma_parents(obj)
                 if not parents:
-                    raise RouteError(f"{where}: canaryd manages GAMMA routes (parentRefs of kind Service); "
-                                     "this route attaches to a Gateway — annotate the mesh route instead")
+                    raise RouteError(
+                        f"{where}: canaryd manages GAMMA routes (parentRefs of kind Service); "
+                        "this route attaches to a Gateway — annotate the mesh route instead"
+                    )
                 parent = parents[0]
                 pair = resolve_pair(obj, rspec.canary, rspec.stable)
                 for backend in (pair.stable, pair.canary):
                     if not self.service_exists(meta["namespace"], backend):
-                        raise RouteError(f"{where}: backend Service {meta['namespace']}/{backend} does not exist; "
-                                         "create it or fix the backendRef")
+                        raise RouteError(
+                            f"{where}: backend Service {meta['namespace']}/{backend} does not exist; "
+                            "create it or fix the backendRef"
+                        )
                 r0 = pair.rules[0]
                 current = round(canary_percent(r0.stable_weight, r0.canary_weight))
                 if all(r.stable_weight + r.canary_weight == 0 for r in pair.rules):
-                    raise RouteError(f"{where}: the weights of {pair.stable} and {pair.canary} are both 0; "
-                                     "give the stable a weight (e.g. 100)")
+                    raise RouteError(
+                        f"{where}: the weights of {pair.stable} and {pair.canary} are both 0; "
+                        "give the stable a weight (e.g. 100)"
+                    )
             except SpecError as exc:
                 error = f"{where}: annotation {exc}"
             except RouteError as exc:
                 error = str(exc)
         facts = Facts(
-            now=now, spec=rspec if error is None else None, stable=pair.stable if pair and error is None else None,
-            error=error, state=state, intent=intent,
+            now=now,
+            spec=rspec if error is None else None,
+            stable=pair.stable if pair and error is None else None,
+            error=error,
+            state=state,
+            intent=intent,
             canary_ready=bool(rspec and self.service_ready(meta["namespace"], rspec.canary)),
-            current_canary_pct=current, judgements=judgements,
+            current_canary_pct=current,
+            judgements=judgements,
         )
         return facts, pair, raw_intent, parent
 
     async def _analyze(self, obj: dict[str, Any], facts: Facts, pair: Pair, parent: str | None) -> list[Judgement]:
         assert facts.spec is not None and facts.stable is not None
         if self.analyzer is None:
-            return [Judgement(signal=s, verdict=Verdict.ERROR, reason="no analyzer configured (Prometheus URL unset)")
-                    for s in facts.spec.analysis.signals]
-        target = AnalysisTarget(namespace=obj["metadata"]["namespace"], route=obj["metadata"]["name"],
-                                service=parent or "", port=int(facts.spec.port or pair.port or 80),
-                                stable=facts.stable, canary=facts.spec.canary, spec=facts.spec.analysis)
+            return [
+                Judgement(signal=s, verdict=Verdict.ERROR, reason="no analyzer configured (Prometheus URL unset)")
+                for s in facts.spec.analysis.signals
+            ]
+        target = AnalysisTarget(
+            namespace=obj["metadata"]["namespace"],
+            route=obj["metadata"]["name"],
+            service=parent or "",
+            port=int(facts.spec.port or pair.port or 80),
+            stable=facts.stable,
+            canary=facts.spec.canary,
+            spec=facts.spec.analysis,
+        )
         try:
             out = await self.analyzer.analyze(target)
         except CanarydError as exc:
             out = [Judgement(signal=s, verdict=Verdict.ERROR, reason=str(exc)) for s in facts.spec.analysis.signals]
         for j in out:
             self.metrics.analysis.labels(j.verdict.value, j.signal).inc()
-        log.info("analysis_round", verdicts={j.signal: j.verdict.value for j in out},
-                 reasons=[j.reason for j in out], step=facts.state.step if facts.state else None)
+        log.info(
+            "analysis_round",
+            verdicts={j.signal: j.verdict.value for j in out},
+            reasons=[j.reason for j in out],
+            step=facts.state.step if facts.state else None,
+        )
         return out
 
-    async def _apply(self, obj: dict[str, Any], d: Decision, pair: Pair | None, raw_intent: str | None,
-                     before: RolloutState | None) -> None:
+    async def _apply(
+        self, obj: dict[str, Any], d: Decision, pair: Pair | None, raw_intent: str | None, before: RolloutState | None
+    ) -> None:
         ops: list[dict[str, Any]] = []
         if d.canary_pct is not None and pair is not None:
             ops += weight_ops(pair, d.canary_pct)
@@ -325,8 +383,13 @@ class Engine:
         self.metrics.patches.inc()
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         st = d.state or before
-        log.info("route_patched", step=st.step if st else None, phase=st.phase.value if st else None,
-                 canary_weight=d.canary_pct, events=[e.reason for e in d.events])
+        log.info(
+            "route_patched",
+            step=st.step if st else None,
+            phase=st.phase.value if st else None,
+            canary_weight=d.canary_pct,
+            events=[e.reason for e in d.events],
+        )
         for phase in d.transitions:
             self.metrics.transitions.labels(ns, name, phase).inc()
             self.metrics.last_transition.labels(ns, name).set(time.time())

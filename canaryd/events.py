@@ -28,12 +28,22 @@ class EventRecorder:
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(name=f"{meta['name']}.{secrets.token_hex(8)}", namespace=meta["namespace"]),
             involved_object=client.V1ObjectReference(
-                api_version=f"{GATEWAY_GROUP}/{GATEWAY_VERSION}", kind="HTTPRoute", name=meta["name"],
-                namespace=meta["namespace"], uid=meta.get("uid"), resource_version=meta.get("resourceVersion")),
-            reason=event.reason, message=event.message[:1024], type=event.type,
-            first_timestamp=now, last_timestamp=now, count=1,
+                api_version=f"{GATEWAY_GROUP}/{GATEWAY_VERSION}",
+                kind="HTTPRoute",
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            reason=event.reason,
+            message=event.message[:1024],
+            type=event.type,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
             source=client.V1EventSource(component=self.component, host=self.instance or None),
-            reporting_component=self.component, reporting_instance=self.instance or self.component,
+            reporting_component=self.component,
+            reporting_instance=self.instance or self.component,
         )
         try:
             await self._core.create_namespaced_event(meta["namespace"], body)

@@ -51,9 +51,17 @@ def _to_dict(obj: Any) -> dict[str, Any]:
 
 
 class Informer:
-    def __init__(self, name: str, list_fn: ListFn, list_args: tuple[Any, ...] = (), *,
-                 on_change: OnChange, label_selector: str | None = None, timeout_s: int = 300,
-                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        list_fn: ListFn,
+        list_args: tuple[Any, ...] = (),
+        *,
+        on_change: OnChange,
+        label_selector: str | None = None,
+        timeout_s: int = 300,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
         self.name = name
         self._list = list_fn
         self._args = list_args
@@ -97,9 +105,14 @@ class Informer:
         while True:
             w = watch.Watch()
             try:
-                async for ev in w.stream(self._list, *self._args, resource_version=rv,
-                                         allow_watch_bookmarks=True, timeout_seconds=self._timeout,
-                                         **self._kwargs()):
+                async for ev in w.stream(
+                    self._list,
+                    *self._args,
+                    resource_version=rv,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=self._timeout,
+                    **self._kwargs(),
+                ):
                     kind = ev["type"]
                     raw = ev.get("raw_object") or _to_dict(ev["object"])
                     if kind == "ERROR":

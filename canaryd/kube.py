@@ -31,20 +31,22 @@ HTTPROUTES = "httproutes"
 async def new_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
     """An ApiClient from ``kubeconfig``/``KUBECONFIG``/``~/.kube/config``, else in-cluster config."""
     path = kubeconfig or os.environ.get("KUBECONFIG")
-    default = os.path.expanduser("~/.kube/config")
+    default = os.path.expanduser("~/.kube/config")  # noqa: ASYNC240 - once at start-up
     cfg = client.Configuration()
-    if path or os.path.exists(default):
+    if path or os.path.exists(default):  # noqa: ASYNC240
         try:
-            await config.load_kube_config(config_file=path or default, context=context,
-                                          client_configuration=cfg)
+            await config.load_kube_config(config_file=path or default, context=context, client_configuration=cfg)
         except (config.ConfigException, OSError) as exc:
-            raise KubeError(f"cannot load kubeconfig {path or default}: {exc}; "
-                            "pass --kubeconfig or set KUBECONFIG") from exc
+            raise KubeError(
+                f"cannot load kubeconfig {path or default}: {exc}; pass --kubeconfig or set KUBECONFIG"
+            ) from exc
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
     else:
-        raise KubeError("no kubeconfig found (KUBECONFIG, --kubeconfig, ~/.kube/config) and not "
-                        "running in a pod; point canaryd at a cluster")
+        raise KubeError(
+            "no kubeconfig found (KUBECONFIG, --kubeconfig, ~/.kube/config) and not "
+            "running in a pod; point canaryd at a cluster"
+        )
     return client.ApiClient(configuration=cfg)
 
 

@@ -26,8 +26,16 @@ def _now() -> datetime:
 
 
 class LeaderElector:
-    def __init__(self, api: client.ApiClient, *, name: str, namespace: str, identity: str,
-                 duration_s: float = 15.0, renew_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        name: str,
+        namespace: str,
+        identity: str,
+        duration_s: float = 15.0,
+        renew_s: float = 5.0,
+    ) -> None:
         self._api = client.CoordinationV1Api(api)
         self.name, self.namespace, self.identity = name, namespace, identity
         self.duration_s, self.renew_s = duration_s, renew_s
@@ -49,8 +57,14 @@ class LeaderElector:
                 raise
             body = client.V1Lease(
                 metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
-                spec=client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=int(self.duration_s),
-                                        acquire_time=now, renew_time=now, lease_transitions=0))
+                spec=client.V1LeaseSpec(
+                    holder_identity=self.identity,
+                    lease_duration_seconds=int(self.duration_s),
+                    acquire_time=now,
+                    renew_time=now,
+                    lease_transitions=0,
+                ),
+            )
             try:
                 await self._api.create_namespaced_lease(self.namespace, body)
                 return True

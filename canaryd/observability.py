@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,16 +39,27 @@ class Metrics:
         r = registry or CollectorRegistry()
         return cls(
             registry=r,
-            phase=Gauge("canaryd_rollout_phase", "1 for the rollout's current phase", ["namespace", "route", "phase"], registry=r),
-            canary_weight=Gauge("canaryd_rollout_canary_weight", "Canary weight in percent", ["namespace", "route"], registry=r),
+            phase=Gauge(
+                "canaryd_rollout_phase",
+                "1 for the rollout's current phase",
+                ["namespace", "route", "phase"],
+                registry=r,
+            ),
+            canary_weight=Gauge(
+                "canaryd_rollout_canary_weight", "Canary weight in percent", ["namespace", "route"], registry=r
+            ),
             step=Gauge("canaryd_rollout_step", "Current step (1-based; 0 = none)", ["namespace", "route"], registry=r),
             transitions=Counter("canaryd_transitions", "Phase transitions", ["namespace", "route", "to"], registry=r),
             rollbacks=Counter("canaryd_rollbacks", "Rollbacks", ["namespace", "route"], registry=r),
             analysis=Counter("canaryd_analysis", "Analysis verdicts", ["verdict", "signal"], registry=r),
             reconcile_seconds=Histogram("canaryd_reconcile_seconds", "Time to reconcile one route", registry=r),
             patch_seconds=Histogram("canaryd_patch_seconds", "Time of one route patch", registry=r),
-            last_transition=Gauge("canaryd_rollout_last_transition_timestamp_seconds", "Unix time of the last transition",
-                                  ["namespace", "route"], registry=r),
+            last_transition=Gauge(
+                "canaryd_rollout_last_transition_timestamp_seconds",
+                "Unix time of the last transition",
+                ["namespace", "route"],
+                registry=r,
+            ),
             leader=Gauge("canaryd_leader", "1 when this replica leads", registry=r),
             patches=Counter("canaryd_route_patches", "Route patches written", registry=r),
         )
@@ -58,15 +70,11 @@ class Metrics:
 
     def forget(self, namespace: str, route: str) -> None:
         for p in Phase:
-            try:
+            with contextlib.suppress(KeyError):
                 self.phase.remove(namespace, route, p.value)
-            except KeyError:
-                pass
         for g in (self.canary_weight, self.step, self.last_transition):
-            try:
+            with contextlib.suppress(KeyError):
                 g.remove(namespace, route)
-            except KeyError:
-                pass
 
 
 async def serve(metrics: Metrics, host: str, port: int, ready: Callable[[], bool]) -> web.AppRunner:

@@ -60,8 +60,11 @@ def _is_service_ref(ref: Mapping[str, Any]) -> bool:
 
 def gamma_parents(obj: Mapping[str, Any]) -> list[str]:
     """Names of the Services this route is attached to (GAMMA), empty for Gateway-attached routes."""
-    return [p["name"] for p in obj.get("spec", {}).get("parentRefs", []) or [] if p.get("kind") == "Service"
-            and p.get("group", "") in ("", "core")]
+    return [
+        p["name"]
+        for p in obj.get("spec", {}).get("parentRefs", []) or []
+        if p.get("kind") == "Service" and p.get("group", "") in ("", "core")
+    ]
 
 
 def backend_names(obj: Mapping[str, Any]) -> set[str]:
@@ -79,11 +82,14 @@ def resolve_pair(obj: Mapping[str, Any], canary: str, stable: str | None) -> Pai
     rules = obj.get("spec", {}).get("rules", []) or []
     names = backend_names(obj)
     if canary not in names:
-        raise RouteError(f"{where}: {ann.CANARY}={canary!r} is not a backendRef of this route "
-                         f"(backends: {', '.join(sorted(names)) or 'none'}); add it to a rule or fix the name")
+        raise RouteError(
+            f"{where}: {ann.CANARY}={canary!r} is not a backendRef of this route "
+            f"(backends: {', '.join(sorted(names)) or 'none'}); add it to a rule or fix the name"
+        )
     if stable is not None and stable not in names:
-        raise RouteError(f"{where}: {ann.STABLE}={stable!r} is not a backendRef of this route "
-                         f"(backends: {', '.join(sorted(names))})")
+        raise RouteError(
+            f"{where}: {ann.STABLE}={stable!r} is not a backendRef of this route (backends: {', '.join(sorted(names))})"
+        )
     chosen = stable
     if chosen is None:
         # The stable is the other backend sharing a rule with the canary; with several, the
@@ -96,12 +102,15 @@ def resolve_pair(obj: Mapping[str, Any], canary: str, stable: str | None) -> Pai
                     if r["name"] != canary:
                         candidates[r["name"]] = max(candidates.get(r["name"], -1), int(r.get("weight", 1)))
         if not candidates:
-            raise RouteError(f"{where}: no rule holds {canary!r} together with another backend; "
-                             f"add the stable backend to that rule or set {ann.STABLE}")
+            raise RouteError(
+                f"{where}: no rule holds {canary!r} together with another backend; "
+                f"add the stable backend to that rule or set {ann.STABLE}"
+            )
         ranked = sorted(candidates.items(), key=lambda kv: (-kv[1], kv[0]))
         if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
-            raise RouteError(f"{where}: cannot tell the stable backend ({ranked[0][0]} or {ranked[1][0]}); "
-                             f"set {ann.STABLE}")
+            raise RouteError(
+                f"{where}: cannot tell the stable backend ({ranked[0][0]} or {ranked[1][0]}); set {ann.STABLE}"
+            )
         chosen = ranked[0][0]
     found: list[RuleRefs] = []
     port: int | None = None
@@ -112,14 +121,17 @@ def resolve_pair(obj: Mapping[str, Any], canary: str, stable: str | None) -> Pai
         if not s or not c:
             continue
         if len(s) > 1 or len(c) > 1:
-            raise RouteError(f"{where}: rule {i} lists {chosen if len(s) > 1 else canary!r} twice; "
-                             "keep one backendRef per backend in a rule")
+            raise RouteError(
+                f"{where}: rule {i} lists {chosen if len(s) > 1 else canary!r} twice; "
+                "keep one backendRef per backend in a rule"
+            )
         sw, cw = int(refs[s[0]].get("weight", 1)), int(refs[c[0]].get("weight", 1))
         found.append(RuleRefs(rule=i, stable=s[0], canary=c[0], stable_weight=sw, canary_weight=cw))
         port = port or refs[c[0]].get("port")
     if not found:
-        raise RouteError(f"{where}: no rule holds both {chosen!r} and {canary!r}; put both backendRefs "
-                         "in the rule to roll out")
+        raise RouteError(
+            f"{where}: no rule holds both {chosen!r} and {canary!r}; put both backendRefs in the rule to roll out"
+        )
     return Pair(stable=chosen, canary=canary, rules=tuple(found), port=port)
 
 
@@ -169,7 +181,8 @@ class RouteClient:
     async def get(self, ref: RouteRef) -> dict[str, Any]:
         try:
             obj: dict[str, Any] = await self._co.get_namespaced_custom_object(
-                GATEWAY_GROUP, GATEWAY_VERSION, ref.namespace, HTTPROUTES, ref.name)
+                GATEWAY_GROUP, GATEWAY_VERSION, ref.namespace, HTTPROUTES, ref.name
+            )
             return obj
         except Exception as exc:
             raise translate(exc, f"get httproute {ref}") from exc
@@ -177,12 +190,20 @@ class RouteClient:
     async def patch(self, obj: Mapping[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
         """Apply ``ops`` if the route is still at the resourceVersion of ``obj`` (else ConflictError)."""
         ref = ref_of(obj)
-        guarded = [{"op": "test", "path": "/metadata/resourceVersion",
-                    "value": obj["metadata"]["resourceVersion"]}, *ops]
+        guarded = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": obj["metadata"]["resourceVersion"]},
+            *ops,
+        ]
         try:
             out: dict[str, Any] = await self._co.patch_namespaced_custom_object(
-                GATEWAY_GROUP, GATEWAY_VERSION, ref.namespace, HTTPROUTES, ref.name, guarded,
-                field_manager=self.field_manager)
+                GATEWAY_GROUP,
+                GATEWAY_VERSION,
+                ref.namespace,
+                HTTPROUTES,
+                ref.name,
+                guarded,
+                field_manager=self.field_manager,
+            )
         except Exception as exc:
             raise translate(exc, f"patch httproute {ref}") from exc
         self.patches += 1

@@ -70,9 +70,7 @@ class PrometheusSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CANARYD_", env_nested_delimiter="__", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="CANARYD_", env_nested_delimiter="__", extra="ignore")
 
     namespaces: list[str] = Field(default_factory=list)
     """Namespaces to watch; empty = all namespaces."""

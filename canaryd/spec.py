@@ -43,10 +43,29 @@ STATE = PREFIX + "state"
 INTENT = PREFIX + "intent"
 
 USER_ANNOTATIONS = (
-    CANARY, STABLE, STEPS, STEP_WEIGHT, MAX_WEIGHT, INTERVAL, ANALYSIS, ANALYSIS_WINDOW,
-    SUCCESS_RATE_MIN, LATENCY_MAX, LATENCY_QUANTILE, MIN_REQUESTS, MAX_INCONCLUSIVE,
-    ON_INCONCLUSIVE, CONFIDENCE, TOLERANCE, FAILURE_THRESHOLD, MAX_ERRORS, READY_DEADLINE,
-    APP_ID, STABLE_APP_ID, CALLER_APP_ID, PORT,
+    CANARY,
+    STABLE,
+    STEPS,
+    STEP_WEIGHT,
+    MAX_WEIGHT,
+    INTERVAL,
+    ANALYSIS,
+    ANALYSIS_WINDOW,
+    SUCCESS_RATE_MIN,
+    LATENCY_MAX,
+    LATENCY_QUANTILE,
+    MIN_REQUESTS,
+    MAX_INCONCLUSIVE,
+    ON_INCONCLUSIVE,
+    CONFIDENCE,
+    TOLERANCE,
+    FAILURE_THRESHOLD,
+    MAX_ERRORS,
+    READY_DEADLINE,
+    APP_ID,
+    STABLE_APP_ID,
+    CALLER_APP_ID,
+    PORT,
 )
 
 Intent = Literal["promote", "abort", "pause", "resume", "retry"]
@@ -133,8 +152,7 @@ def _name(annotation: str, raw: str) -> str:
     if not _DNS_LABEL.match(value):
         raise SpecError(
             annotation,
-            f"{raw!r} is not a valid backend/app name (lowercase letters, digits and '-', "
-            "at most 63 characters)",
+            f"{raw!r} is not a valid backend/app name (lowercase letters, digits and '-', at most 63 characters)",
         )
     return value
 
@@ -190,9 +208,7 @@ def parse_spec(annotations: Mapping[str, str], defaults: RolloutDefaults) -> Rol
         steps = parse_steps(",".join(str(s) for s in defaults.steps))
 
     interval = parse_duration(INTERVAL, a[INTERVAL]) if INTERVAL in a else defaults.interval_s
-    deadline = (
-        parse_duration(READY_DEADLINE, a[READY_DEADLINE]) if READY_DEADLINE in a else defaults.ready_deadline_s
-    )
+    deadline = parse_duration(READY_DEADLINE, a[READY_DEADLINE]) if READY_DEADLINE in a else defaults.ready_deadline_s
     port = _int(PORT, a[PORT], 1, 65535) if PORT in a else None
 
     raw_signals = a.get(ANALYSIS, defaults.analysis)
@@ -215,26 +231,35 @@ def parse_spec(annotations: Mapping[str, str], defaults: RolloutDefaults) -> Rol
         signals=tuple(signals),
         window_s=parse_duration(ANALYSIS_WINDOW, a[ANALYSIS_WINDOW]) if ANALYSIS_WINDOW in a else interval,
         success_rate_min=_float(SUCCESS_RATE_MIN, a[SUCCESS_RATE_MIN], 0, 100)
-        if SUCCESS_RATE_MIN in a else defaults.success_rate_min,
+        if SUCCESS_RATE_MIN in a
+        else defaults.success_rate_min,
         latency_max_ms=latency_max,
         latency_quantile=_float(LATENCY_QUANTILE, a[LATENCY_QUANTILE], 0.5, 0.999)
-        if LATENCY_QUANTILE in a else defaults.latency_quantile,
+        if LATENCY_QUANTILE in a
+        else defaults.latency_quantile,
         min_requests=_int(MIN_REQUESTS, a[MIN_REQUESTS], 1, 10**9) if MIN_REQUESTS in a else defaults.min_requests,
         max_inconclusive=_int(MAX_INCONCLUSIVE, a[MAX_INCONCLUSIVE], 1, 10**6)
-        if MAX_INCONCLUSIVE in a else defaults.max_inconclusive,
+        if MAX_INCONCLUSIVE in a
+        else defaults.max_inconclusive,
         on_inconclusive=_on_inconclusive(a.get(ON_INCONCLUSIVE, defaults.on_inconclusive)),
         confidence=_float(CONFIDENCE, a[CONFIDENCE], 0.5, 0.9999) if CONFIDENCE in a else defaults.confidence,
         tolerance_pct=_float(TOLERANCE, a[TOLERANCE], 0, 100) if TOLERANCE in a else defaults.tolerance_pct,
         failure_threshold=_int(FAILURE_THRESHOLD, a[FAILURE_THRESHOLD], 1, 1000)
-        if FAILURE_THRESHOLD in a else defaults.failure_threshold,
+        if FAILURE_THRESHOLD in a
+        else defaults.failure_threshold,
         max_errors=_int(MAX_ERRORS, a[MAX_ERRORS], 1, 1000) if MAX_ERRORS in a else defaults.max_errors,
         app_id=app_id,
         stable_app_id=_name(STABLE_APP_ID, a[STABLE_APP_ID]) if STABLE_APP_ID in a else None,
         caller_app_id=_name(CALLER_APP_ID, a[CALLER_APP_ID]) if CALLER_APP_ID in a else None,
     )
     return RolloutSpec(
-        canary=canary, stable=stable, steps=steps, interval_s=interval,
-        ready_deadline_s=deadline, port=port, analysis=analysis,
+        canary=canary,
+        stable=stable,
+        steps=steps,
+        interval_s=interval,
+        ready_deadline_s=deadline,
+        port=port,
+        analysis=analysis,
     )
 
 

@@ -125,8 +125,7 @@ class RolloutState:
             version = int(d.get("version", 0))
             if version > STATE_VERSION:
                 raise StateError(
-                    f"state annotation has version {version}, this canaryd reads up to "
-                    f"{STATE_VERSION}; upgrade canaryd"
+                    f"state annotation has version {version}, this canaryd reads up to {STATE_VERSION}; upgrade canaryd"
                 )
             return cls(
                 phase=Phase(d["phase"]),
@@ -154,8 +153,9 @@ class RolloutState:
         except StateError:
             raise
         except (ValueError, KeyError, TypeError) as exc:
-            raise StateError(f"state annotation is not valid canaryd state ({exc}); "
-                             "remove it to restart the rollout") from exc
+            raise StateError(
+                f"state annotation is not valid canaryd state ({exc}); remove it to restart the rollout"
+            ) from exc
 
 
 def _compact(d: dict[str, Any]) -> dict[str, Any]:

@@ -34,8 +34,7 @@ class Stack:
     def server(self) -> str:
         return self.info.server
 
-    def kubectl(self, *args: str, input: str | None = None, kubeconfig: str | None = None,
-                check: bool = True) -> str:
+    def kubectl(self, *args: str, input: str | None = None, kubeconfig: str | None = None, check: bool = True) -> str:
         return controlplane.kubectl(self.info, *args, input=input, kubeconfig=kubeconfig, check=check).stdout
 
     def sa_kubeconfig(self, namespace: str, service_account: str) -> Path:
@@ -69,8 +68,9 @@ async def namespace(api: client.ApiClient) -> AsyncIterator[str]:
     core = client.CoreV1Api(api)
     await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     # The default ServiceAccount is made by controller-manager, which devstack does not run.
-    await core.create_namespaced_service_account(name, client.V1ServiceAccount(
-        metadata=client.V1ObjectMeta(name="default")))
+    await core.create_namespaced_service_account(
+        name, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="default"))
+    )
     yield name
     # No namespace controller runs, so the namespace would stay Terminating: leave it for
     # the session's end, when the whole control plane goes.

@@ -14,11 +14,18 @@ from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
 T = TypeVar("T")
 
 
-def route_body(name: str, *, parent: str = "whoami", backends: tuple[tuple[str, int], ...] = (("whoami-v1", 100), ("whoami-v2", 0)),
-               annotations: dict[str, str] | None = None, extra_rules: list[dict[str, Any]] | None = None,
-               parent_kind: str = "Service") -> dict[str, Any]:
-    parent_ref: dict[str, Any] = ({"group": "", "kind": "Service", "name": parent, "port": 80} if parent_kind == "Service"
-                                  else {"name": parent})
+def route_body(
+    name: str,
+    *,
+    parent: str = "whoami",
+    backends: tuple[tuple[str, int], ...] = (("whoami-v1", 100), ("whoami-v2", 0)),
+    annotations: dict[str, str] | None = None,
+    extra_rules: list[dict[str, Any]] | None = None,
+    parent_kind: str = "Service",
+) -> dict[str, Any]:
+    parent_ref: dict[str, Any] = (
+        {"group": "", "kind": "Service", "name": parent, "port": 80} if parent_kind == "Service" else {"name": parent}
+    )
     return {
         "apiVersion": f"{GATEWAY_GROUP}/{GATEWAY_VERSION}",
         "kind": "HTTPRoute",
@@ -28,8 +35,12 @@ def route_body(name: str, *, parent: str = "whoami", backends: tuple[tuple[str, 
             "rules": [
                 {
                     "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                    "filters": [{"type": "RequestHeaderModifier",
-                                 "requestHeaderModifier": {"set": [{"name": "x-route", "value": name}]}}],
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {"set": [{"name": "x-route", "value": name}]},
+                        }
+                    ],
                     "backendRefs": [{"name": b, "port": 80, "weight": w} for b, w in backends],
                 },
                 *(extra_rules or []),
@@ -40,35 +51,51 @@ def route_body(name: str, *, parent: str = "whoami", backends: tuple[tuple[str, 
 
 async def create_route(api: client.ApiClient, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
     co = client.CustomObjectsApi(api)
-    out: dict[str, Any] = await co.create_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, body)
+    out: dict[str, Any] = await co.create_namespaced_custom_object(
+        GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, body
+    )
     return out
 
 
 async def get_route(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
     co = client.CustomObjectsApi(api)
-    out: dict[str, Any] = await co.get_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, name)
+    out: dict[str, Any] = await co.get_namespaced_custom_object(
+        GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, name
+    )
     return out
 
 
 async def patch_route(api: client.ApiClient, namespace: str, name: str, body: Any) -> dict[str, Any]:
     co = client.CustomObjectsApi(api)
     kw: dict[str, Any] = {} if isinstance(body, list) else {"_content_type": "application/merge-patch+json"}
-    out: dict[str, Any] = await co.patch_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES,
-                                                                  name, body, **kw)
+    out: dict[str, Any] = await co.patch_namespaced_custom_object(
+        GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, name, body, **kw
+    )
     return out
 
 
-async def create_backend(api: client.ApiClient, namespace: str, name: str, *, port: int = 80, ready: bool = True,
-                         target_port: int | None = None) -> None:
+async def create_backend(
+    api: client.ApiClient,
+    namespace: str,
+    name: str,
+    *,
+    port: int = 80,
+    ready: bool = True,
+    target_port: int | None = None,
+) -> None:
     """A selector-less Service and (if ``ready``) an EndpointSlice with one ready endpoint.
 
     The apiserver refuses loopback endpoint addresses, so a TEST-NET-1 address stands in;
     nothing dials it (no data plane runs in these tests).
     """
     core = client.CoreV1Api(api)
-    await core.create_namespaced_service(namespace, client.V1Service(
-        metadata=client.V1ObjectMeta(name=name),
-        spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=port, name="http")])))
+    await core.create_namespaced_service(
+        namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=port, name="http")]),
+        ),
+    )
     if ready:
         await set_endpoints(api, namespace, name, ready=True, port=target_port or port)
 
@@ -93,8 +120,9 @@ def weights(route: dict[str, Any], rule: int = 0) -> dict[str, int]:
     return {b["name"]: b.get("weight", 1) for b in route["spec"]["rules"][rule]["backendRefs"]}
 
 
-async def eventually(fn: Callable[[], Awaitable[T | None]], *, timeout: float, interval: float = 0.1,
-                     what: str = "condition") -> T:
+async def eventually(
+    fn: Callable[[], Awaitable[T | None]], *, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> T:
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:

@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "devstack",
         help="start/stop a real local control plane and Prometheus",
         description="A real etcd + kube-apiserver (RBAC on) with the Gateway API CRDs, and Prometheus, on loopback.",
-        epilog="example:\n  canaryd devstack up --dir .devstack && source .devstack/env\n  canaryd devstack down --dir .devstack",
+        epilog=(
+            "example:\n  canaryd devstack up --dir .devstack && source .devstack/env\n"
+            "  canaryd devstack down --dir .devstack"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dsub = p.add_subparsers(dest="devstack_command", metavar="ACTION", required=True)
@@ -35,9 +38,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def _up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     info = stack.up(args.dir, prometheus=not args.no_prometheus)
-    print(f"devstack ready in {time.monotonic() - t0:.1f}s: apiserver {info.server}"
-          f"{', prometheus ' + info.prometheus_url if info.prometheus_url else ''};"
-          f" source {Path(info.dir) / 'env'}")
+    print(
+        f"devstack ready in {time.monotonic() - t0:.1f}s: apiserver {info.server}"
+        f"{', prometheus ' + info.prometheus_url if info.prometheus_url else ''};"
+        f" source {Path(info.dir) / 'env'}"
+    )
     return 0
 
 

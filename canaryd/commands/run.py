@@ -15,9 +15,10 @@ from canaryd.settings import Settings
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
-        "run", help="run the controller",
+        "run",
+        help="run the controller",
         description="Watch annotated HTTPRoutes and step their weights. Settings come from CANARYD_* "
-                    "environment variables and the YAML file in CANARYD_CONFIG_FILE (see config/canaryd.yaml).",
+        "environment variables and the YAML file in CANARYD_CONFIG_FILE (see config/canaryd.yaml).",
         epilog="example:\n  CANARYD_PROMETHEUS__URL=http://127.0.0.1:9090 canaryd run --kubeconfig ~/.kube/config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,20 +55,43 @@ async def run_daemon(settings: Settings) -> int:
     api = await new_client(settings.kubeconfig, settings.context)
     metrics = Metrics.create()
     analyzer = _analyzer(settings)
-    elector = (LeaderElector(api, name=settings.lease_name, namespace=settings.lease_namespace,
-                             identity=settings.identity, duration_s=settings.lease_duration_s,
-                             renew_s=settings.lease_renew_s) if settings.leader_election else None)
-    engine = Engine(api, settings, analyzer=analyzer, metrics=metrics,
-                    is_leader=(lambda: elector.is_leader) if elector else (lambda: True))
+    elector = (
+        LeaderElector(
+            api,
+            name=settings.lease_name,
+            namespace=settings.lease_namespace,
+            identity=settings.identity,
+            duration_s=settings.lease_duration_s,
+            renew_s=settings.lease_renew_s,
+        )
+        if settings.leader_election
+        else None
+    )
+    engine = Engine(
+        api,
+        settings,
+        analyzer=analyzer,
+        metrics=metrics,
+        is_leader=(lambda: elector.is_leader) if elector else (lambda: True),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    runner = await serve(metrics, settings.http_host, settings.http_port,
-                         ready=lambda: engine.synced or (elector is not None and not elector.is_leader))
-    log.info("started", identity=settings.identity, http_port=settings.http_port,
-             leader_election=settings.leader_election, namespaces=settings.namespaces or "all")
+    runner = await serve(
+        metrics,
+        settings.http_host,
+        settings.http_port,
+        ready=lambda: engine.synced or (elector is not None and not elector.is_leader),
+    )
+    log.info(
+        "started",
+        identity=settings.identity,
+        http_port=settings.http_port,
+        leader_election=settings.leader_election,
+        namespaces=settings.namespaces or "all",
+    )
     rc = 0
     tasks: list[asyncio.Task[Any]] = []
     try:
@@ -86,7 +110,7 @@ async def run_daemon(settings: Settings) -> int:
         watch = [asyncio.create_task(stop.wait(), name="stop")]
         if elector is not None:
             watch.append(asyncio.create_task(elector.lost.wait(), name="lost"))
-        done, pending = await asyncio.wait({engine_task, *watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _pending = await asyncio.wait({engine_task, *watch}, return_when=asyncio.FIRST_COMPLETED)
         for t in watch:
             t.cancel()
         if engine_task in done:

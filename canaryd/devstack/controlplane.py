@@ -11,6 +11,7 @@ process (``canaryd devstack down``) can stop what ``up`` started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -55,7 +56,9 @@ class StackInfo:
     def load(cls, directory: Path) -> StackInfo:
         path = directory / STATE_FILE
         if not path.exists():
-            raise DevstackError(f"no stack in {directory} ({STATE_FILE} missing); run 'canaryd devstack up --dir {directory}'")
+            raise DevstackError(
+                f"no stack in {directory} ({STATE_FILE} missing); run 'canaryd devstack up --dir {directory}'"
+            )
         return cls(**json.loads(path.read_text()))
 
 
@@ -65,8 +68,9 @@ def _spawn(name: str, argv: list[str], directory: Path) -> subprocess.Popen[byte
     out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         # New session: the stack outlives `devstack up` and a terminal's Ctrl-C.
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     finally:
         out.close()
 
@@ -78,8 +82,9 @@ def _tail(directory: Path, name: str, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _wait_http(url: str, *, token: str | None, proc: subprocess.Popen[bytes], name: str,
-               directory: Path, timeout: float) -> None:
+def _wait_http(
+    url: str, *, token: str | None, proc: subprocess.Popen[bytes], name: str, directory: Path, timeout: float
+) -> None:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # readiness only; clients verify with the CA in the kubeconfig
@@ -140,41 +145,86 @@ def start_control_plane(directory: Path, *, bins: Binaries | None = None, timeou
 
     etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
-    etcd = _spawn("etcd", [
-        str(b.etcd), "--data-dir", str(directory / "etcd"), "--name", "devstack",
-        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
-        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-        "--initial-cluster", f"devstack=http://127.0.0.1:{peer_port}",
-        "--unsafe-no-fsync", "--log-level", "warn",
-    ], directory)
-    info = StackInfo(dir=str(directory), server=f"https://127.0.0.1:{api_port}", token=token,
-                     etcd_url=etcd_url, kubeconfig=str(directory / "kubeconfig"), bin_dir=str(b.dir),
-                     pids={"etcd": etcd.pid})
+    etcd = _spawn(
+        "etcd",
+        [
+            str(b.etcd),
+            "--data-dir",
+            str(directory / "etcd"),
+            "--name",
+            "devstack",
+            "--listen-client-urls",
+            etcd_url,
+            "--advertise-client-urls",
+            etcd_url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster",
+            f"devstack=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ],
+        directory,
+    )
+    info = StackInfo(
+        dir=str(directory),
+        server=f"https://127.0.0.1:{api_port}",
+        token=token,
+        etcd_url=etcd_url,
+        kubeconfig=str(directory / "kubeconfig"),
+        bin_dir=str(b.dir),
+        pids={"etcd": etcd.pid},
+    )
     info.save()
     try:
         _wait_http(f"{etcd_url}/health", token=None, proc=etcd, name="etcd", directory=directory, timeout=timeout)
         certs = directory / "certs"
-        api = _spawn("kube-apiserver", [
-            str(b.kube_apiserver),
-            "--etcd-servers", etcd_url, "--etcd-prefix", "/registry",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-            "--secure-port", str(api_port), "--cert-dir", str(certs),
-            "--token-auth-file", str(pki / "tokens.csv"),
-            "--authorization-mode", "RBAC",
-            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-            "--service-account-key-file", str(pki / "sa.pub"),
-            "--service-account-signing-key-file", str(pki / "sa.key"),
-            "--api-audiences", "https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range", "10.0.0.0/24",
-            "--allow-privileged=true",
-            "--disable-admission-plugins", "ServiceAccount",
-            "--v", "1",
-        ], directory)
+        api = _spawn(
+            "kube-apiserver",
+            [
+                str(b.kube_apiserver),
+                "--etcd-servers",
+                etcd_url,
+                "--etcd-prefix",
+                "/registry",
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(api_port),
+                "--cert-dir",
+                str(certs),
+                "--token-auth-file",
+                str(pki / "tokens.csv"),
+                "--authorization-mode",
+                "RBAC",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local",
+                "--service-account-key-file",
+                str(pki / "sa.pub"),
+                "--service-account-signing-key-file",
+                str(pki / "sa.key"),
+                "--api-audiences",
+                "https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range",
+                "10.0.0.0/24",
+                "--allow-privileged=true",
+                "--disable-admission-plugins",
+                "ServiceAccount",
+                "--v",
+                "1",
+            ],
+            directory,
+        )
         info.pids["kube-apiserver"] = api.pid
         info.save()
-        _wait_http(f"{info.server}/readyz", token=token, proc=api, name="kube-apiserver",
-                   directory=directory, timeout=timeout)
+        _wait_http(
+            f"{info.server}/readyz", token=token, proc=api, name="kube-apiserver", directory=directory, timeout=timeout
+        )
         # The apiserver wrote a self-signed serving cert (with its CA) into --cert-dir.
         ca_file = certs / "apiserver.crt"
         Path(info.kubeconfig).write_text(kubeconfig_yaml(info.server, ca_file, token))
@@ -185,8 +235,14 @@ def start_control_plane(directory: Path, *, bins: Binaries | None = None, timeou
     return info
 
 
-def kubectl(info: StackInfo, *args: str, input: str | None = None, kubeconfig: str | None = None,
-            check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    info: StackInfo,
+    *args: str,
+    input: str | None = None,
+    kubeconfig: str | None = None,
+    check: bool = True,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     argv = [str(Path(info.bin_dir) / "kubectl"), "--kubeconfig", kubeconfig or info.kubeconfig, *args]
     proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
@@ -199,13 +255,13 @@ def install_crds(info: StackInfo, b: Binaries) -> None:
     kubectl(info, "wait", "--for", "condition=Established", "--timeout", "60s", "crd", "--all")
 
 
-def mint_sa_kubeconfig(info: StackInfo, namespace: str, service_account: str, out: Path,
-                       duration: str = "2h", create: bool = True) -> Path:
+def mint_sa_kubeconfig(
+    info: StackInfo, namespace: str, service_account: str, out: Path, duration: str = "2h", create: bool = True
+) -> Path:
     """Write a kubeconfig that authenticates as ``namespace/service_account`` (TokenRequest)."""
     if create:
         kubectl(info, "create", "serviceaccount", service_account, "-n", namespace, check=False)
-    token = kubectl(info, "create", "token", service_account, "-n", namespace,
-                    f"--duration={duration}").stdout.strip()
+    token = kubectl(info, "create", "token", service_account, "-n", namespace, f"--duration={duration}").stdout.strip()
     ca = Path(info.dir) / "certs" / "apiserver.crt"
     out.write_text(kubeconfig_yaml(info.server, ca, token, user=f"{namespace}-{service_account}"))
     return out
@@ -227,10 +283,8 @@ def _alive(pid: int) -> bool:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def stop_pids(pids: dict[str, int], grace: float = 10.0) -> None:
@@ -250,10 +304,8 @@ def stop_pids(pids: dict[str, int], grace: float = 10.0) -> None:
             _reap(pid)
             time.sleep(0.05)
         if _alive(pid):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and _alive(pid):
                 _reap(pid)

@@ -22,7 +22,7 @@ from canaryd import spec as ann
 from canaryd.devstack.controlplane import free_port
 from canaryd.state import Phase, RolloutState, parse_ts
 from tests.conftest import Stack
-from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, weights
+from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,8 +44,13 @@ class Daemon:
             "CANARYD_HTTP_PORT": str(self.port),
         }
         self.log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "canaryd", "run", "--kubeconfig", str(stack.kubeconfig)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "canaryd", "run", "--kubeconfig", str(stack.kubeconfig)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
 
     def events(self) -> list[dict[str, Any]]:
         out = []
@@ -94,8 +99,11 @@ def _state(route: dict[str, Any]) -> RolloutState | None:
 async def _setup(api: client.ApiClient, namespace: str, steps: str, interval: str) -> None:
     for n in ("whoami", "whoami-v1", "whoami-v2"):
         await create_backend(api, namespace, n)
-    await create_route(api, namespace, route_body("whoami", annotations={
-        ann.CANARY: "whoami-v2", ann.STEPS: steps, ann.INTERVAL: interval}))
+    await create_route(
+        api,
+        namespace,
+        route_body("whoami", annotations={ann.CANARY: "whoami-v2", ann.STEPS: steps, ann.INTERVAL: interval}),
+    )
 
 
 async def _at_step(api: client.ApiClient, namespace: str, step: int) -> RolloutState | None:
@@ -104,7 +112,8 @@ async def _at_step(api: client.ApiClient, namespace: str, step: int) -> RolloutS
 
 
 async def test_sigkill_mid_rollout_then_restart_resumes_the_same_step(
-        stack: Stack, api: client.ApiClient, namespace: str, daemons: list[Daemon], tmp_path: Path) -> None:
+    stack: Stack, api: client.ApiClient, namespace: str, daemons: list[Daemon], tmp_path: Path
+) -> None:
     await _setup(api, namespace, "10,20,30,40,100", "3s")
     first = Daemon(stack, namespace, "first", tmp_path)
     daemons.append(first)
@@ -121,7 +130,7 @@ async def test_sigkill_mid_rollout_then_restart_resumes_the_same_step(
     written = [p["canary_weight"] for d in (first, second) for p in d.patches() if p.get("canary_weight") is not None]
     assert written == [10, 20, 30, 40, 100], written
     # The step running at the kill was not restarted: the next step came no earlier than it was due.
-    resumed = [p for p in second.patches() if p.get("canary_weight") is not None][0]
+    resumed = next(p for p in second.patches() if p.get("canary_weight") is not None)
     assert resumed["canary_weight"] == killed.steps[killed.step + 1]
     due = parse_ts(killed.next_at)
     assert due is not None and datetime.fromisoformat(resumed["timestamp"].replace("Z", "+00:00")) >= due
@@ -134,7 +143,8 @@ async def _phase(api: client.ApiClient, namespace: str, phase: Phase) -> Rollout
 
 
 async def test_two_replicas_one_acts_failover_and_sigterm_releases_lease(
-        stack: Stack, api: client.ApiClient, namespace: str, daemons: list[Daemon], tmp_path: Path) -> None:
+    stack: Stack, api: client.ApiClient, namespace: str, daemons: list[Daemon], tmp_path: Path
+) -> None:
     a = Daemon(stack, namespace, "replica-a", tmp_path)
     daemons.append(a)
     coord = client.CoordinationV1Api(api)

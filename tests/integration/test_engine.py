@@ -48,11 +48,14 @@ def state_of(route: dict[str, Any]) -> RolloutState | None:
     return RolloutState.from_annotation(raw) if raw else None
 
 
-async def wait_phase(api: client.ApiClient, namespace: str, name: str, phase: Phase, timeout: float = 30) -> dict[str, Any]:
+async def wait_phase(
+    api: client.ApiClient, namespace: str, name: str, phase: Phase, timeout: float = 30
+) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
         r = await get_route(api, namespace, name)
         st = state_of(r)
         return r if st is not None and st.phase == phase else None
+
     return await eventually(check, timeout=timeout, what=f"{namespace}/{name} in phase {phase}")
 
 
@@ -64,8 +67,14 @@ async def test_full_progression_observed_through_a_watch(api: client.ApiClient, 
         co = client.CustomObjectsApi(api)
         w = watch.Watch()
         try:
-            async for ev in w.stream(co.list_namespaced_custom_object, GATEWAY_GROUP, GATEWAY_VERSION, namespace,
-                                     HTTPROUTES, timeout_seconds=60):
+            async for ev in w.stream(
+                co.list_namespaced_custom_object,
+                GATEWAY_GROUP,
+                GATEWAY_VERSION,
+                namespace,
+                HTTPROUTES,
+                timeout_seconds=60,
+            ):
                 ws = weights(ev["raw_object"])
                 pair = (ws["whoami-v1"], ws["whoami-v2"])
                 if not seen or seen[-1] != pair:
@@ -77,8 +86,11 @@ async def test_full_progression_observed_through_a_watch(api: client.ApiClient, 
 
     watcher = asyncio.create_task(observe())
     await asyncio.sleep(0.3)
-    await create_route(api, namespace, route_body("whoami", annotations={
-        ann.CANARY: "whoami-v2", ann.STEPS: "10,25,50,100", ann.INTERVAL: "1s"}))
+    await create_route(
+        api,
+        namespace,
+        route_body("whoami", annotations={ann.CANARY: "whoami-v2", ann.STEPS: "10,25,50,100", ann.INTERVAL: "1s"}),
+    )
     await asyncio.wait_for(watcher, 30)
     assert seen == [(100, 0), (90, 10), (75, 25), (50, 50), (0, 100)]
     r = await wait_phase(api, namespace, "whoami", Phase.PROMOTED)
@@ -87,16 +99,29 @@ async def test_full_progression_observed_through_a_watch(api: client.ApiClient, 
     assert reasons[0] == "RolloutStarted" and reasons.count("StepAdvanced") == 3 and reasons[-1] == "Promoted"
 
 
-async def test_user_scale_and_other_rules_and_fields_are_kept(api: client.ApiClient, namespace: str,
-                                                               engine: Engine) -> None:
+async def test_user_scale_and_other_rules_and_fields_are_kept(
+    api: client.ApiClient, namespace: str, engine: Engine
+) -> None:
     await backends(api, namespace, "whoami", "whoami-v1", "whoami-v2", "legacy")
-    other_rule = {"matches": [{"path": {"type": "PathPrefix", "value": "/legacy"}}],
-                  "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
-                                                                               "replacePrefixMatch": "/"}}}],
-                  "backendRefs": [{"name": "legacy", "port": 80, "weight": 7}]}
-    body = route_body("whoami", backends=(("whoami-v1", 1000), ("whoami-v2", 0), ("legacy", 10)),
-                      annotations={ann.CANARY: "whoami-v2", ann.STABLE: "whoami-v1", ann.STEPS: "25,100",
-                                   ann.INTERVAL: "30s", "team": "shop"}, extra_rules=[other_rule])
+    other_rule = {
+        "matches": [{"path": {"type": "PathPrefix", "value": "/legacy"}}],
+        "filters": [
+            {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}}}
+        ],
+        "backendRefs": [{"name": "legacy", "port": 80, "weight": 7}],
+    }
+    body = route_body(
+        "whoami",
+        backends=(("whoami-v1", 1000), ("whoami-v2", 0), ("legacy", 10)),
+        annotations={
+            ann.CANARY: "whoami-v2",
+            ann.STABLE: "whoami-v1",
+            ann.STEPS: "25,100",
+            ann.INTERVAL: "30s",
+            "team": "shop",
+        },
+        extra_rules=[other_rule],
+    )
     before = await create_route(api, namespace, body)
     r = await eventually(lambda: _with_weight(api, namespace, "whoami-v2", 250), timeout=20, what="step 1")
     assert weights(r) == {"whoami-v1": 750, "whoami-v2": 250, "legacy": 10}
@@ -134,8 +159,8 @@ BAD_INPUTS: list[tuple[str, dict[str, str], str]] = [
 
 @pytest.mark.parametrize(("case", "annotations", "named"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 async def test_bad_input_fails_with_event_and_leaves_route_untouched(
-        api: client.ApiClient, namespace: str, engine: Engine, case: str, annotations: dict[str, str],
-        named: str) -> None:
+    api: client.ApiClient, namespace: str, engine: Engine, case: str, annotations: dict[str, str], named: str
+) -> None:
     await backends(api, namespace)
     before = await create_route(api, namespace, route_body("whoami", annotations=annotations))
     r = await wait_phase(api, namespace, "whoami", Phase.FAILED)
@@ -154,15 +179,37 @@ async def _events(api: client.ApiClient, namespace: str, reason: str) -> list[cl
 async def test_structural_bad_inputs(api: client.ApiClient, namespace: str, engine: Engine) -> None:
     await backends(api, namespace, "whoami", "whoami-v1", "whoami-v2", "other")
     cases: list[tuple[str, dict[str, Any], str]] = [
-        ("no-shared-rule", route_body("no-shared-rule", backends=(("whoami-v1", 100),), extra_rules=[
-            {"backendRefs": [{"name": "whoami-v2", "port": 80, "weight": 0}]}],
-            annotations={ann.CANARY: "whoami-v2", ann.STABLE: "whoami-v1"}), "no rule holds both"),
-        ("zero-total", route_body("zero-total", backends=(("whoami-v1", 0), ("whoami-v2", 0)),
-                                  annotations={ann.CANARY: "whoami-v2"}), "both 0"),
-        ("gateway-parent", route_body("gateway-parent", parent="edge", parent_kind="Gateway",
-                                      annotations={ann.CANARY: "whoami-v2"}), "GAMMA"),
-        ("missing-service", route_body("missing-service", backends=(("whoami-v1", 100), ("whoami-v3", 0)),
-                                       annotations={ann.CANARY: "whoami-v3"}), "does not exist"),
+        (
+            "no-shared-rule",
+            route_body(
+                "no-shared-rule",
+                backends=(("whoami-v1", 100),),
+                extra_rules=[{"backendRefs": [{"name": "whoami-v2", "port": 80, "weight": 0}]}],
+                annotations={ann.CANARY: "whoami-v2", ann.STABLE: "whoami-v1"},
+            ),
+            "no rule holds both",
+        ),
+        (
+            "zero-total",
+            route_body(
+                "zero-total", backends=(("whoami-v1", 0), ("whoami-v2", 0)), annotations={ann.CANARY: "whoami-v2"}
+            ),
+            "both 0",
+        ),
+        (
+            "gateway-parent",
+            route_body("gateway-parent", parent="edge", parent_kind="Gateway", annotations={ann.CANARY: "whoami-v2"}),
+            "GAMMA",
+        ),
+        (
+            "missing-service",
+            route_body(
+                "missing-service",
+                backends=(("whoami-v1", 100), ("whoami-v3", 0)),
+                annotations={ann.CANARY: "whoami-v3"},
+            ),
+            "does not exist",
+        ),
     ]
     created = {name: await create_route(api, namespace, body) for name, body, _ in cases}
     for name, _, text in cases:
@@ -175,8 +222,14 @@ async def test_structural_bad_inputs(api: client.ApiClient, namespace: str, engi
 async def test_readiness_gate_holds_then_proceeds(api: client.ApiClient, namespace: str, engine: Engine) -> None:
     await backends(api, namespace, "whoami", "whoami-v1")
     await create_backend(api, namespace, "whoami-v2", ready=False)
-    await create_route(api, namespace, route_body("whoami", annotations={
-        ann.CANARY: "whoami-v2", ann.STEPS: "50,100", ann.INTERVAL: "1s", ann.READY_DEADLINE: "60s"}))
+    await create_route(
+        api,
+        namespace,
+        route_body(
+            "whoami",
+            annotations={ann.CANARY: "whoami-v2", ann.STEPS: "50,100", ann.INTERVAL: "1s", ann.READY_DEADLINE: "60s"},
+        ),
+    )
     r = await wait_phase(api, namespace, "whoami", Phase.WAITING)
     assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
     await set_endpoints(api, namespace, "whoami-v2", ready=True)
@@ -186,8 +239,14 @@ async def test_readiness_gate_holds_then_proceeds(api: client.ApiClient, namespa
 async def test_readiness_deadline_rolls_back(api: client.ApiClient, namespace: str, engine: Engine) -> None:
     await backends(api, namespace, "whoami", "whoami-v1")
     await create_backend(api, namespace, "whoami-v2", ready=True)
-    await create_route(api, namespace, route_body("whoami", annotations={
-        ann.CANARY: "whoami-v2", ann.STEPS: "20,40,100", ann.INTERVAL: "1s", ann.READY_DEADLINE: "2s"}))
+    await create_route(
+        api,
+        namespace,
+        route_body(
+            "whoami",
+            annotations={ann.CANARY: "whoami-v2", ann.STEPS: "20,40,100", ann.INTERVAL: "1s", ann.READY_DEADLINE: "2s"},
+        ),
+    )
     await eventually(lambda: _with_weight(api, namespace, "whoami-v2", 20), timeout=10, what="first step")
     await set_endpoints(api, namespace, "whoami-v2", ready=False)
     r = await wait_phase(api, namespace, "whoami", Phase.ROLLED_BACK)
@@ -196,12 +255,19 @@ async def test_readiness_deadline_rolls_back(api: client.ApiClient, namespace: s
     assert st is not None and "no ready endpoints" in st.message
 
 
-async def test_intents_pause_resume_abort_retry_and_new_canary(api: client.ApiClient, namespace: str,
-                                                                engine: Engine) -> None:
+async def test_intents_pause_resume_abort_retry_and_new_canary(
+    api: client.ApiClient, namespace: str, engine: Engine
+) -> None:
     await backends(api, namespace, "whoami", "whoami-v1", "whoami-v2", "whoami-v3")
-    await create_route(api, namespace, route_body("whoami", backends=(("whoami-v1", 100), ("whoami-v2", 0)),
-                                                  annotations={ann.CANARY: "whoami-v2", ann.STEPS: "10,20,30,100",
-                                                               ann.INTERVAL: "2s"}))
+    await create_route(
+        api,
+        namespace,
+        route_body(
+            "whoami",
+            backends=(("whoami-v1", 100), ("whoami-v2", 0)),
+            annotations={ann.CANARY: "whoami-v2", ann.STEPS: "10,20,30,100", ann.INTERVAL: "2s"},
+        ),
+    )
     await eventually(lambda: _with_weight(api, namespace, "whoami-v2", 10), timeout=10, what="first step")
     await patch_route(api, namespace, "whoami", {"metadata": {"annotations": {ann.INTENT: "pause"}}})
     r = await wait_phase(api, namespace, "whoami", Phase.PAUSED)
@@ -219,9 +285,19 @@ async def test_intents_pause_resume_abort_retry_and_new_canary(api: client.ApiCl
     assert st is not None and [i.intent for i in st.intents] == ["pause", "resume", "abort", "retry"]
 
     # A new canary mid-rollout restarts from the first step against it.
-    await patch_route(api, namespace, "whoami", [
-        {"op": "add", "path": "/spec/rules/0/backendRefs/-", "value": {"name": "whoami-v3", "port": 80, "weight": 0}},
-        {"op": "replace", "path": f"/metadata/annotations/{ann.CANARY.replace('/', '~1')}", "value": "whoami-v3"}])
+    await patch_route(
+        api,
+        namespace,
+        "whoami",
+        [
+            {
+                "op": "add",
+                "path": "/spec/rules/0/backendRefs/-",
+                "value": {"name": "whoami-v3", "port": 80, "weight": 0},
+            },
+            {"op": "replace", "path": f"/metadata/annotations/{ann.CANARY.replace('/', '~1')}", "value": "whoami-v3"},
+        ],
+    )
     r = await eventually(lambda: _with_weight(api, namespace, "whoami-v3", 10), timeout=10, what="v3 first step")
     st = state_of(r)
     assert st is not None and st.canary == "whoami-v3" and st.step == 0
@@ -231,8 +307,11 @@ async def test_intents_pause_resume_abort_retry_and_new_canary(api: client.ApiCl
 
 async def test_state_annotation_is_versioned_json(api: client.ApiClient, namespace: str, engine: Engine) -> None:
     await backends(api, namespace)
-    await create_route(api, namespace, route_body("whoami", annotations={ann.CANARY: "whoami-v2", ann.STEPS: "50,100",
-                                                                          ann.INTERVAL: "1h"}))
+    await create_route(
+        api,
+        namespace,
+        route_body("whoami", annotations={ann.CANARY: "whoami-v2", ann.STEPS: "50,100", ann.INTERVAL: "1h"}),
+    )
     r = await wait_phase(api, namespace, "whoami", Phase.PROGRESSING)
     raw = json.loads(r["metadata"]["annotations"][ann.STATE])
     assert raw["version"] == 1 and raw["step"] == 0 and raw["canary_weight"] == 50 and raw["next_at"]

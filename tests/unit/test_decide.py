@@ -17,8 +17,12 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def spec(**extra: str) -> ann.RolloutSpec:
-    a = {ann.CANARY: "v2", ann.STEPS: "10,50,100", ann.INTERVAL: "10s", **{ann.PREFIX + k.replace("_", "-"): v
-                                                                         for k, v in extra.items()}}
+    a = {
+        ann.CANARY: "v2",
+        ann.STEPS: "10,50,100",
+        ann.INTERVAL: "10s",
+        **{ann.PREFIX + k.replace("_", "-"): v for k, v in extra.items()},
+    }
     s = ann.parse_spec(a, RolloutDefaults())
     assert s is not None
     return s
@@ -29,8 +33,15 @@ def run(s: ann.RolloutSpec, state: RolloutState | None, now: datetime, **kw: obj
 
 
 def j(verdict: Verdict) -> list[Judgement]:
-    return [Judgement(signal="envoy", verdict=verdict, reason=verdict.value,
-                      canary=BackendStats(1000, 50), stable=BackendStats(1000, 1))]
+    return [
+        Judgement(
+            signal="envoy",
+            verdict=verdict,
+            reason=verdict.value,
+            canary=BackendStats(1000, 50),
+            stable=BackendStats(1000, 1),
+        )
+    ]
 
 
 def test_time_based_progression_and_waits() -> None:
@@ -102,7 +113,7 @@ def test_never_skips_or_repeats_a_step(verdicts: list[Verdict], ready: list[bool
             written.append(d.canary_pct)
         if d.state is not None:
             state = d.state
-        if state is not None and state.phase.terminal or (state is not None and state.phase == Phase.PAUSED):
+        if state is not None and (state.phase.terminal or state.phase == Phase.PAUSED):
             break
         now = d.wake_at or now + timedelta(seconds=1)
     steps = [w for w in written if w != 0]

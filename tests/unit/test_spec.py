@@ -24,8 +24,15 @@ def test_not_annotated_is_none() -> None:
 def test_defaults_and_overrides() -> None:
     s = parse(canary="whoami-v2")
     assert s.steps == (5, 10, 25, 50, 100) and s.interval_s == 60 and not s.analysis.enabled
-    s = parse(canary="whoami-v2", steps="10, 50", interval="2m", analysis="envoy,dapr", app_id="whoami",
-              latency_max="250ms", failure_threshold="3")
+    s = parse(
+        canary="whoami-v2",
+        steps="10, 50",
+        interval="2m",
+        analysis="envoy,dapr",
+        app_id="whoami",
+        latency_max="250ms",
+        failure_threshold="3",
+    )
     assert s.steps == (10, 50, 100) and s.interval_s == 120
     assert s.analysis.signals == ("envoy", "dapr") and s.analysis.latency_max_ms == 250
     assert s.analysis.failure_threshold == 3 and s.analysis.window_s == 120
@@ -36,23 +43,26 @@ def test_step_weight_and_max() -> None:
     assert parse(canary="v2", step_weight="30", max_weight="60").steps == (30, 60, 100)
 
 
-@pytest.mark.parametrize(("annotations", "named"), [
-    ({"canary": "V2!"}, ann.CANARY),
-    ({"canary": "v2", "stable": "v2"}, ann.STABLE),
-    ({"canary": "v2", "steps": "10,10"}, ann.STEPS),
-    ({"canary": "v2", "steps": "0,50"}, ann.STEPS),
-    ({"canary": "v2", "steps": "101"}, ann.STEPS),
-    ({"canary": "v2", "steps": "a,b"}, ann.STEPS),
-    ({"canary": "v2", "steps": ""}, ann.STEPS),
-    ({"canary": "v2", "interval": "5 parsecs"}, ann.INTERVAL),
-    ({"canary": "v2", "interval": "0s"}, ann.INTERVAL),
-    ({"canary": "v2", "analysis": "envoy) or vector(1"}, ann.ANALYSIS),
-    ({"canary": "v2", "analysis": "dapr"}, ann.APP_ID),
-    ({"canary": "v2", "app_id": 'x"}'}, ann.APP_ID),
-    ({"canary": "v2", "failure_threshold": "0"}, ann.FAILURE_THRESHOLD),
-    ({"canary": "v2", "on_inconclusive": "explode"}, ann.ON_INCONCLUSIVE),
-    ({"canary": "v2", "steps": "10", "step_weight": "10"}, ann.STEPS),
-])
+@pytest.mark.parametrize(
+    ("annotations", "named"),
+    [
+        ({"canary": "V2!"}, ann.CANARY),
+        ({"canary": "v2", "stable": "v2"}, ann.STABLE),
+        ({"canary": "v2", "steps": "10,10"}, ann.STEPS),
+        ({"canary": "v2", "steps": "0,50"}, ann.STEPS),
+        ({"canary": "v2", "steps": "101"}, ann.STEPS),
+        ({"canary": "v2", "steps": "a,b"}, ann.STEPS),
+        ({"canary": "v2", "steps": ""}, ann.STEPS),
+        ({"canary": "v2", "interval": "5 parsecs"}, ann.INTERVAL),
+        ({"canary": "v2", "interval": "0s"}, ann.INTERVAL),
+        ({"canary": "v2", "analysis": "envoy) or vector(1"}, ann.ANALYSIS),
+        ({"canary": "v2", "analysis": "dapr"}, ann.APP_ID),
+        ({"canary": "v2", "app_id": 'x"}'}, ann.APP_ID),
+        ({"canary": "v2", "failure_threshold": "0"}, ann.FAILURE_THRESHOLD),
+        ({"canary": "v2", "on_inconclusive": "explode"}, ann.ON_INCONCLUSIVE),
+        ({"canary": "v2", "steps": "10", "step_weight": "10"}, ann.STEPS),
+    ],
+)
 def test_bad_annotations_name_themselves(annotations: dict[str, str], named: str) -> None:
     with pytest.raises(SpecError) as err:
         parse(**annotations)
