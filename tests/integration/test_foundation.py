@@ -163,3 +163,16 @@ def test_devstack_up_twice_in_parallel_then_down_leaves_nothing() -> None:
             )
     for d in dirs:
         assert _processes_under(d) == [], f"processes left behind for {d}"
+
+
+async def test_prometheus_scrapes_a_test_target(prometheus: Any, exporter: Any) -> None:
+    # The exporter fixture registered a file_sd target and waited for it; read `up` back via PromQL.
+    async def up() -> list[dict[str, Any]] | None:
+        res = await asyncio.to_thread(prometheus.query, f'up{{instance="{exporter.address}"}}')
+        return res if res and res[0]["value"][1] == "1" else None
+
+    deadline = time.monotonic() + 10
+    while (res := await up()) is None:
+        assert time.monotonic() < deadline, "Prometheus did not report the test target up"
+        await asyncio.sleep(0.5)
+    assert res[0]["metric"]["instance"] == exporter.address
