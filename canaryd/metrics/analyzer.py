@@ -1,0 +1,143 @@
+"""``PrometheusAnalyzer``: the ``Analyzer`` the engine calls, with query batching.
+
+The engine calls ``analyze(target)`` concurrently for every due route. Calls for a batched
+signal (envoy, dapr) that arrive within ``batch_window_s`` and share the window are coalesced:
+one query per metric for the whole batch (a regex union of their clusters / app-ids), and each
+route gets its slice. Prometheus load therefore grows with the number of distinct windows, not
+with the number of routes. Custom templates run per route.
+
+Never raises for a measurement problem: any ``MetricsError`` (Prometheus down, refused value,
+bad template) becomes an Observation with ``error`` set, which the judge turns into ERROR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from canaryd.analysis import AnalysisTarget, Judgement, Observation
+from canaryd.errors import MetricsError
+from canaryd.judge import judge
+from canaryd.metrics import custom
+from canaryd.metrics.base import BatchedSignal, batch_key
+from canaryd.metrics.dapr import DaprSignal
+from canaryd.metrics.envoy import EnvoySignal
+from canaryd.metrics.prometheus import PrometheusClient
+from canaryd.settings import PrometheusSettings
+
+log = structlog.get_logger()
+
+
+@dataclass
+class _Batch:
+    signal: BatchedSignal[Any]
+    window_s: float
+    items: list[tuple[Any, asyncio.Future[Observation]]] = field(default_factory=list)
+
+
+class PrometheusAnalyzer:
+    def __init__(
+        self,
+        settings: PrometheusSettings,
+        *,
+        client: PrometheusClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client if client is not None else PrometheusClient(settings)
+        self._owns_client = client is None
+        self._batched: dict[str, BatchedSignal[Any]] = {
+            "envoy": EnvoySignal(settings),
+            "dapr": DaprSignal(),
+        }
+        self._templates = custom.TemplateStore(settings.custom_templates_file)
+        self._pending: dict[Hashable, _Batch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def analyze(self, target: AnalysisTarget) -> list[Judgement]:
+        observations = await asyncio.gather(*(self.observe(s, target) for s in target.spec.signals))
+        return [judge(o, target.spec) for o in observations]
+
+    async def observe(self, signal: str, target: AnalysisTarget) -> Observation:
+        try:
+            batched = self._batched.get(signal)
+            if batched is not None:
+                return await self._submit(batched, target)
+            if signal.startswith("custom:"):
+                template = self._templates.get(signal.removeprefix("custom:"))
+                return await custom.measure(self.client, template, target)
+            raise MetricsError(f"unknown signal {signal!r}")
+        except MetricsError as exc:
+            log.warning(
+                "analysis_query_failed",
+                signal=signal,
+                namespace=target.namespace,
+                route=target.route,
+                error=str(exc),
+            )
+            return Observation(signal, canary=None, stable=None, error=str(exc))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._owns_client:
+            self.client.close()
+
+    async def _submit(self, signal: BatchedSignal[Any], target: AnalysisTarget) -> Observation:
+        # Validate before joining: a refused value fails only its own route, not the batch.
+        prepared = signal.prepare(target)
+        window_s = target.spec.window_s
+        key = batch_key(signal.name, window_s)
+        batch = self._pending.get(key)
+        if batch is None:
+            batch = _Batch(signal, window_s)
+            self._pending[key] = batch
+            task = asyncio.create_task(self._flush_later(key, batch), name=f"analysis-batch-{signal.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        fut: asyncio.Future[Observation] = asyncio.get_running_loop().create_future()
+        batch.items.append((prepared, fut))
+        return await fut
+
+    async def _flush_later(self, key: Hashable, batch: _Batch) -> None:
+        try:
+            try:
+                await asyncio.sleep(self.settings.batch_window_s)
+            finally:
+                # Later calls start a new batch; this one is closed from here on.
+                if self._pending.get(key) is batch:
+                    del self._pending[key]
+            size = max(1, self.settings.batch_max_targets)
+            chunks = [batch.items[i : i + size] for i in range(0, len(batch.items), size)]
+            await asyncio.gather(*(self._run(batch, chunk) for chunk in chunks))
+        except asyncio.CancelledError:
+            # Shutting down: release the callers instead of leaving them waiting.
+            for _, fut in batch.items:
+                fut.cancel()
+            raise
+
+    async def _run(self, batch: _Batch, chunk: Sequence[tuple[Any, asyncio.Future[Observation]]]) -> None:
+        started = time.monotonic()
+        try:
+            results = await batch.signal.measure(self.client, batch.window_s, [p for p, _ in chunk])
+        except MetricsError as exc:
+            results = [Observation(batch.signal.name, None, None, error=str(exc))] * len(chunk)
+        except Exception as exc:  # a bug must not leave the callers waiting forever
+            log.exception("analysis_batch_crashed", signal=batch.signal.name)
+            msg = f"internal error measuring {batch.signal.name}: {exc!r}"
+            results = [Observation(batch.signal.name, None, None, error=msg)] * len(chunk)
+        log.debug(
+            "analysis_batch",
+            signal=batch.signal.name,
+            routes=len(chunk),
+            window_s=batch.window_s,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        for (_, fut), obs in zip(chunk, results, strict=True):
+            if not fut.done():  # the caller may have been cancelled meanwhile
+                fut.set_result(obs)

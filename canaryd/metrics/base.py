@@ -1,0 +1,74 @@
+"""Pieces shared by the signal modules: the batched-signal protocol and histogram maths."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from canaryd.analysis import AnalysisTarget, Observation
+from canaryd.metrics.prometheus import PrometheusClient
+
+P = TypeVar("P")
+
+
+class BatchedSignal(Protocol, Generic[P]):
+    """A signal whose queries can serve many routes at once.
+
+    ``prepare`` validates one target (raising ``MetricsError`` before anything is queried) and
+    returns what ``measure`` needs; ``measure`` issues a fixed number of queries for the whole
+    batch and returns one ``Observation`` per prepared item, in order.
+    """
+
+    name: str
+
+    def prepare(self, target: AnalysisTarget) -> P: ...
+
+    async def measure(self, client: PrometheusClient, window_s: float, items: Sequence[P]) -> list[Observation]: ...
+
+
+def batch_key(signal: str, window_s: float) -> Hashable:
+    # Windows are compared at millisecond resolution, the resolution of the PromQL range.
+    return (signal, round(window_s * 1000))
+
+
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over cumulative bucket counts keyed by ``le``.
+
+    Computed here (not in PromQL) so one batched bucket query serves routes asking for
+    different quantiles, and so buckets of several cluster names can be summed first.
+    Returns None when there is no observation (PromQL would return NaN).
+    """
+    if not buckets or math.inf not in buckets:
+        return None
+    les = sorted(buckets)
+    counts: list[float] = []
+    running = 0.0
+    for le in les:
+        # Rates of separately scraped buckets can be slightly non-monotonic; force it.
+        running = max(running, buckets[le])
+        counts.append(running)
+    total = counts[-1]
+    if total <= 0:
+        return None
+    rank = q * total
+    for i, le in enumerate(les):
+        if counts[i] >= rank:
+            if math.isinf(le):
+                return les[-2] if len(les) > 1 else None
+            start = les[i - 1] if i > 0 else 0.0
+            if i == 0 and le <= 0:
+                return le
+            below = counts[i - 1] if i > 0 else 0.0
+            in_bucket = counts[i] - below
+            if in_bucket <= 0:
+                return le
+            return start + (le - start) * (rank - below) / in_bucket
+    return None
+
+
+def parse_le(raw: str) -> float | None:
+    try:
+        return float(raw)  # "+Inf" parses to inf
+    except ValueError:
+        return None
