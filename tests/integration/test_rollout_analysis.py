@@ -1,0 +1,181 @@
+"""Engine + analysis end to end: real apiserver, real Prometheus scraping Envoy-shaped series."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+
+from canaryd import spec as ann
+from canaryd.devstack.exporter import MetricsExporter
+from canaryd.devstack.prometheus import PrometheusServer
+from canaryd.engine import Engine
+from canaryd.metrics import PrometheusAnalyzer
+from canaryd.settings import PrometheusSettings, Settings
+from canaryd.state import Phase, RolloutState
+from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, route_events, weights
+
+
+def cluster(namespace: str, backend: str) -> str:
+    # Cilium's GAMMA naming: <ns>/<parent>/<ns>:<svc>:<port>, with ':' read as '_' in stats.
+    return f"{namespace}/whoami/{namespace}_{backend}_80"
+
+
+async def _engine(api: client.ApiClient, namespace: str, prom_url: str) -> tuple[Engine, asyncio.Task[None]]:
+    settings = Settings(leader_election=False, namespaces=[namespace], prometheus=PrometheusSettings(url=prom_url))
+    e = Engine(api, settings, analyzer=PrometheusAnalyzer(settings.prometheus))
+    return e, asyncio.create_task(e.run())
+
+
+@pytest.fixture
+async def setup(api: client.ApiClient, namespace: str) -> AsyncIterator[None]:
+    for n in ("whoami", "whoami-v1", "whoami-v2"):
+        await create_backend(api, namespace, n)
+    yield
+
+
+def annotations(**extra: str) -> dict[str, str]:
+    base = {
+        ann.CANARY: "whoami-v2",
+        ann.STEPS: "20,50,100",
+        ann.INTERVAL: "4s",
+        ann.ANALYSIS: "envoy",
+        ann.ANALYSIS_WINDOW: "4s",
+        ann.MIN_REQUESTS: "50",
+        ann.SUCCESS_RATE_MIN: "99",
+        ann.FAILURE_THRESHOLD: "2",
+    }
+    return {**base, **{ann.PREFIX + k.replace("_", "-"): v for k, v in extra.items()}}
+
+
+def state(route: dict[str, Any]) -> RolloutState:
+    return RolloutState.from_annotation(route["metadata"]["annotations"][ann.STATE])
+
+
+async def wait_phase(api: client.ApiClient, namespace: str, phase: Phase, timeout: float = 90) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        r = await get_route(api, namespace, "whoami")
+        raw = (r["metadata"].get("annotations") or {}).get(ann.STATE)
+        return r if raw and RolloutState.from_annotation(raw).phase == phase else None
+
+    return await eventually(check, timeout=timeout, interval=0.2, what=f"phase {phase}")
+
+
+async def test_healthy_canary_is_promoted(
+    api: client.ApiClient, namespace: str, setup: None, prometheus: PrometheusServer, exporter: MetricsExporter
+) -> None:
+    exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.001)
+    exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.001)
+    e, task = await _engine(api, namespace, prometheus.url)
+    try:
+        await create_route(api, namespace, route_body("whoami", annotations=annotations()))
+        r = await wait_phase(api, namespace, Phase.PROMOTED)
+        st = state(r)
+        assert weights(r) == {"whoami-v1": 0, "whoami-v2": 100}
+        passes = [h for h in st.history if h.verdict == "pass"]
+        assert len(passes) >= 2 and all((h.canary_requests or 0) >= 50 for h in passes)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_erroring_canary_is_rolled_back_at_the_threshold(
+    api: client.ApiClient, namespace: str, setup: None, prometheus: PrometheusServer, exporter: MetricsExporter
+) -> None:
+    exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.001)
+    exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.05)
+    e, task = await _engine(api, namespace, prometheus.url)
+    try:
+        await create_route(api, namespace, route_body("whoami", annotations=annotations()))
+        r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
+        st = state(r)
+        assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
+        fails = [h for h in st.history if h.verdict == "fail"]
+        # Rolled back on the round that reached the threshold, never passing a step on the way.
+        assert len(fails) == 2 and st.step == 0 and "success rate" in st.message
+        evs = await route_events(api, namespace, "whoami")
+        rb = [ev for ev in evs if ev.reason == "RolledBack"]
+        assert rb and "%" in rb[0].message and "requests" in rb[0].message
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_thin_traffic_is_inconclusive_and_holds(
+    api: client.ApiClient, namespace: str, setup: None, prometheus: PrometheusServer, exporter: MetricsExporter
+) -> None:
+    exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.0)
+    exporter.set_backend(cluster(namespace, "whoami-v2"), rps=5, error_ratio=0.5)  # ~20 req per window
+    e, task = await _engine(api, namespace, prometheus.url)
+    try:
+        await create_route(api, namespace, route_body("whoami", annotations=annotations(max_inconclusive="3")))
+        r = await wait_phase(api, namespace, Phase.PAUSED, timeout=120)
+        st = state(r)
+        assert weights(r) == {"whoami-v1": 80, "whoami-v2": 20}  # held at the first step, not rolled back
+        assert [h.verdict for h in st.history] == ["inconclusive"] * 3
+        assert any(ev.reason == "Inconclusive" for ev in await route_events(api, namespace, "whoami"))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_prometheus_down_holds_then_rolls_back(
+    api: client.ApiClient, namespace: str, setup: None, tmp_path: Path, exporter: MetricsExporter
+) -> None:
+    prom = PrometheusServer(tmp_path / "prom", scrape_interval="1s")
+    prom.start(timeout=60)
+    job = "down-test"
+    prom.add_target(job, exporter.address)
+    exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200)
+    exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100)
+    e, task = await _engine(api, namespace, prom.url)
+    try:
+        await prom.wait_target_up(job, timeout=30)
+        await create_route(
+            api, namespace, route_body("whoami", annotations=annotations(steps="20,40,60,100", max_errors="2"))
+        )
+        await eventually(lambda: _at_step(api, namespace, 1), timeout=60, what="a passed analysis round")
+        prom.stop()
+        t0 = time.monotonic()
+        r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
+        st = state(r)
+        errors = [h for h in st.history if h.verdict == "error"]
+        assert len(errors) == 2 and "Prometheus" in errors[-1].reason
+        assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
+        evs = [ev for ev in await route_events(api, namespace, "whoami") if ev.reason == "AnalysisError"]
+        assert evs and "Prometheus" in evs[-1].message
+        print(f"prometheus down -> rollback after {time.monotonic() - t0:.1f}s")
+    finally:
+        prom.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _at_step(api: client.ApiClient, namespace: str, step: int) -> bool:
+    r = await get_route(api, namespace, "whoami")
+    raw = (r["metadata"].get("annotations") or {}).get(ann.STATE)
+    return bool(raw) and RolloutState.from_annotation(raw).step >= step
+
+
+async def test_promql_injection_in_an_annotation_is_refused(
+    api: client.ApiClient, namespace: str, setup: None, prometheus: PrometheusServer
+) -> None:
+    e, task = await _engine(api, namespace, prometheus.url)
+    try:
+        before = await create_route(
+            api,
+            namespace,
+            route_body("whoami", annotations=annotations(analysis="dapr", app_id='whoami"} or vector(1) #')),
+        )
+        r = await wait_phase(api, namespace, Phase.FAILED, timeout=30)
+        assert ann.APP_ID in state(r).message and r["spec"] == before["spec"]
+        evs = [ev for ev in await route_events(api, namespace, "whoami") if ev.reason == "InvalidSpec"]
+        assert evs and ann.APP_ID in evs[0].message
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
