@@ -71,7 +71,7 @@ async def test_healthy_canary_is_promoted(
 ) -> None:
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.001)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.001)
-    e, task = await _engine(api, namespace, prometheus.url)
+    _engine_obj, task = await _engine(api, namespace, prometheus.url)
     try:
         await create_route(api, namespace, route_body("whoami", annotations=annotations()))
         r = await wait_phase(api, namespace, Phase.PROMOTED)
@@ -89,7 +89,7 @@ async def test_erroring_canary_is_rolled_back_at_the_threshold(
 ) -> None:
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.001)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.05)
-    e, task = await _engine(api, namespace, prometheus.url)
+    _engine_obj, task = await _engine(api, namespace, prometheus.url)
     try:
         await create_route(api, namespace, route_body("whoami", annotations=annotations()))
         r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
@@ -111,7 +111,7 @@ async def test_thin_traffic_is_inconclusive_and_holds(
 ) -> None:
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.0)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=5, error_ratio=0.5)  # ~20 req per window
-    e, task = await _engine(api, namespace, prometheus.url)
+    _engine_obj, task = await _engine(api, namespace, prometheus.url)
     try:
         await create_route(api, namespace, route_body("whoami", annotations=annotations(max_inconclusive="3")))
         r = await wait_phase(api, namespace, Phase.PAUSED, timeout=120)
@@ -133,7 +133,7 @@ async def test_prometheus_down_holds_then_rolls_back(
     prom.add_target(job, exporter.address)
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100)
-    e, task = await _engine(api, namespace, prom.url)
+    _engine_obj, task = await _engine(api, namespace, prom.url)
     try:
         await prom.wait_target_up(job, timeout=30)
         await create_route(
@@ -165,7 +165,7 @@ async def _at_step(api: client.ApiClient, namespace: str, step: int) -> bool:
 async def test_promql_injection_in_an_annotation_is_refused(
     api: client.ApiClient, namespace: str, setup: None, prometheus: PrometheusServer
 ) -> None:
-    e, task = await _engine(api, namespace, prometheus.url)
+    _engine_obj, task = await _engine(api, namespace, prometheus.url)
     try:
         before = await create_route(
             api,
