@@ -16,7 +16,7 @@ EPILOG = """examples:
   canaryd devstack up --dir .devstack      # a real local control plane + Prometheus
   canaryd run                              # the controller (in-cluster or with KUBECONFIG)
   canaryd status -A                        # every rollout
-  canaryd promote whoami -n shop           # skip to 100%%
+  canaryd promote whoami -n shop           # skip to 100%
 """
 
 

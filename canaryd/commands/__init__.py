@@ -6,18 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from canaryd.commands import control, demo, devstack, run
+
 Register = Callable[["argparse._SubParsersAction[Any]"], None]
 
-
-def _commands() -> list[Register]:
-    from canaryd.commands import devstack, run
-
-    found: list[Register] = [run.register, devstack.register]
-    try:  # the control CLI (status, promote, ...) lives in its own module
-        from canaryd.commands import control
-    except ImportError:
-        return found
-    return [*found, control.register]
-
-
-COMMANDS: list[Register] = _commands()
+COMMANDS: list[Register] = [run.register, control.register, demo.register, devstack.register]

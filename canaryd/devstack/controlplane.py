@@ -215,6 +215,10 @@ def start_control_plane(directory: Path, *, bins: Binaries | None = None, timeou
                 "--allow-privileged=true",
                 "--disable-admission-plugins",
                 "ServiceAccount",
+                # ConfigMaps bypass the watch cache so tests can provoke a real 410 Gone (etcd
+                # compaction) for the informer's relist; canaryd itself does not watch them.
+                "--watch-cache-sizes",
+                "configmaps#0",
                 "--v",
                 "1",
             ],

@@ -1,0 +1,302 @@
+"""The control CLI against the real apiserver: status (golden), --wait, intents with a running
+engine, check, and the one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from kubernetes_asyncio import client
+
+from canaryd import spec as ann
+from canaryd import status as render
+from canaryd.cli import main
+from canaryd.commands import control
+from canaryd.devstack.controlplane import free_port
+from canaryd.engine import Engine
+from canaryd.routes import RouteRef
+from canaryd.settings import Settings
+from canaryd.state import RolloutState
+from tests.conftest import Stack
+from tests.kubeobjects import (
+    create_backend,
+    create_route,
+    eventually,
+    get_route,
+    patch_route,
+    route_body,
+    set_endpoints,
+)
+from tests.unit.test_status_render import GOLDEN, NOW, PHASE_STATES, ROUTE_WEIGHTS, SCHEMA, all_routes
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(stack: Stack, *args: str, env: dict[str, str] | None = None, kubeconfig: str | None = None,
+            no_kubeconfig: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m canaryd ...`` with stdout piped (so plain output)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "NO_COLOR")}
+    argv = [sys.executable, "-m", "canaryd", *args]
+    if not no_kubeconfig:
+        argv += ["--kubeconfig", kubeconfig or str(stack.kubeconfig)]
+    return subprocess.run(argv, capture_output=True, text=True, env={**base, **(env or {})}, cwd=REPO,
+                          timeout=timeout, check=False)
+
+
+async def cli(stack: Stack, *args: str) -> int:
+    """In-process ``canaryd.cli.main`` (it calls asyncio.run, so in a thread)."""
+    return await asyncio.to_thread(main, [*args, "--kubeconfig", str(stack.kubeconfig)])
+
+
+# --- status: golden ------------------------------------------------------------------------------
+async def test_status_golden_from_apiserver(stack: Stack, api: client.ApiClient, namespace: str) -> None:
+    for body in all_routes(namespace):
+        body = {**body, "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute"}
+        body["metadata"] = {k: v for k, v in body["metadata"].items() if k != "namespace"}
+        if not body["spec"]:
+            body["spec"] = route_body("x")["spec"]
+        await create_route(api, namespace, body)
+    core = client.CoreV1Api(api)
+    await core.create_namespaced_event(namespace, client.CoreV1Event(
+        metadata=client.V1ObjectMeta(name="progressing.1", namespace=namespace),
+        involved_object=client.V1ObjectReference(api_version="gateway.networking.k8s.io/v1", kind="HTTPRoute",
+                                                 name="progressing", namespace=namespace),
+        reason="StepAdvanced", message="step 2/4: whoami-v1 75 → whoami-v2 25", type="Normal", count=1,
+        first_timestamp=datetime(2025, 3, 1, 11, 58, tzinfo=UTC),
+        last_timestamp=datetime(2025, 3, 1, 11, 58, tzinfo=UTC)))
+
+    routes, _ = await control.list_routes(api, namespace)
+    for r in routes:  # the golden files say "shop"
+        r["metadata"]["namespace"] = "shop"
+    assert render.render_list(routes, NOW) == (GOLDEN / "status_list.txt").read_text()
+    jsonschema.validate(render.list_document(routes, NOW), SCHEMA)
+
+    for name, _st in PHASE_STATES.items():
+        obj = await control.get_route(api, RouteRef(namespace, name))
+        events = await control.route_events(api, RouteRef(namespace, name))
+        if name != "progressing":  # the golden detail files all show the one StepAdvanced event
+            events = [e for e in await control.route_events(api, RouteRef(namespace, "progressing"))]
+        obj["metadata"]["namespace"] = "shop"
+        assert render.render_detail(obj, events, NOW) == (GOLDEN / f"status_detail_{name}.txt").read_text(), name
+        doc = render.single_document(obj, events, NOW)
+        jsonschema.validate(doc, SCHEMA)
+        assert doc["phase"] == PHASE_STATES[name].phase.value
+        assert obj["spec"]["rules"][0]["backendRefs"][1]["weight"] == ROUTE_WEIGHTS[name]
+
+    # The real command, piped: plain, only managed routes, json/yaml valid.
+    out = run_cli(stack, "status", "-n", namespace)
+    assert out.returncode == 0, out.stderr
+    assert "\x1b[" not in out.stdout
+    assert out.stdout.splitlines()[0].split() == ["NAMESPACE", "ROUTE", "PHASE", "STEP", "WEIGHTS", "VERDICT",
+                                                  "NEXT", "AGE", "MESSAGE"]
+    names = [line.split()[1] for line in out.stdout.splitlines()[1:]]
+    assert names == ["failed", "paused", "pending", "progressing", "promoted", "rolledback", "waiting"]
+    out = run_cli(stack, "status", "-n", namespace, "-o", "json")
+    jsonschema.validate(json.loads(out.stdout), SCHEMA)
+    out = run_cli(stack, "status", "progressing", "-n", namespace, "-o", "yaml")
+    doc = yaml.safe_load(out.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    assert [e["reason"] for e in doc["events"]] == ["StepAdvanced"]
+    out = run_cli(stack, "status", "rolledback", "-n", namespace)
+    assert "2     25%     rolled back" in out.stdout
+    out = run_cli(stack, "status", "-A")
+    assert f"{namespace}  progressing" in out.stdout
+
+
+# --- engine-driven: --wait and intents -----------------------------------------------------------
+@pytest.fixture
+async def engine(api: client.ApiClient) -> AsyncIterator[Engine]:
+    e = Engine(api, Settings(leader_election=False))
+    task = asyncio.create_task(e.run())
+    try:
+        yield e
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _state(api: client.ApiClient, namespace: str, name: str) -> RolloutState | None:
+    a = (await get_route(api, namespace, name))["metadata"].get("annotations") or {}
+    return RolloutState.from_annotation(a[ann.STATE]) if ann.STATE in a else None
+
+
+async def test_wait_and_every_intent_with_running_engine(stack: Stack, api: client.ApiClient, namespace: str,
+                                                         engine: Engine) -> None:
+    await create_backend(api, namespace, "whoami-v1")
+    await create_backend(api, namespace, "whoami-v2")
+    fast = {ann.CANARY: "whoami-v2", ann.STEPS: "50,100", ann.INTERVAL: "2s"}
+    slow = {ann.CANARY: "whoami-v2", ann.STEPS: "50,100", ann.INTERVAL: "10m"}
+    await create_route(api, namespace, route_body("fast", annotations=fast))
+    await create_route(api, namespace, route_body("slow", annotations=slow))
+
+    # --wait on a rollout that promotes by itself: exit 0.
+    assert await cli(stack, "status", "fast", "-n", namespace, "--wait", "--timeout", "30") == 0
+    assert (await _state(api, namespace, "fast")).phase.value == "Promoted"  # type: ignore[union-attr]
+
+    # slow sits at step 1 for 10 minutes: --wait times out with 2.
+    await eventually(lambda: _state(api, namespace, "slow"), timeout=10, what="slow started")
+    assert await cli(stack, "status", "slow", "-n", namespace, "--wait", "--timeout", "2") == 2
+
+    # pause / resume: consumed and recorded.
+    assert await cli(stack, "pause", "slow", "-n", namespace, "--wait", "--timeout", "20") == 0
+    st = await _state(api, namespace, "slow")
+    assert st is not None and st.phase.value == "Paused" and st.intents[-1].intent == "pause"
+    assert await cli(stack, "pause", "slow", "-n", namespace, "--wait", "--timeout", "20") == 1  # ignored: paused
+    assert await cli(stack, "resume", "slow", "-n", namespace, "--wait", "--timeout", "20") == 0
+    st = await _state(api, namespace, "slow")
+    assert st is not None and st.phase.value == "Progressing" and st.intents[-1].result == "applied"
+
+    # abort -> RolledBack; status --wait then exits 1; retry restarts; promote finishes.
+    assert await cli(stack, "abort", "slow", "-n", namespace, "--wait", "--timeout", "20") == 0
+    assert (await _state(api, namespace, "slow")).phase.value == "RolledBack"  # type: ignore[union-attr]
+    route = await get_route(api, namespace, "slow")
+    assert {b["name"]: b["weight"] for b in route["spec"]["rules"][0]["backendRefs"]} == {"whoami-v1": 100,
+                                                                                          "whoami-v2": 0}
+    assert await cli(stack, "status", "slow", "-n", namespace, "--wait", "--timeout", "10") == 1
+    assert await cli(stack, "retry", "slow", "-n", namespace, "--wait", "--timeout", "20") == 0
+    st = await _state(api, namespace, "slow")
+    assert st is not None and st.phase.value == "Progressing"
+    assert await cli(stack, "promote", "slow", "-n", namespace, "--wait", "--timeout", "20") == 0
+    st = await _state(api, namespace, "slow")
+    assert st is not None and st.phase.value == "Promoted"
+    assert [(i.intent, i.result) for i in st.intents] == [
+        ("pause", "ignored: rollout is Paused"), ("resume", "applied"), ("abort", "applied"), ("retry", "applied"),
+        ("promote", "applied")]
+    a = (await get_route(api, namespace, "slow"))["metadata"]["annotations"]
+    assert ann.INTENT not in a
+
+    out = run_cli(stack, "promote", "slow", "-n", namespace)
+    assert out.returncode == 0 and "already promoted" in out.stdout
+
+
+async def test_intent_without_controller_times_out(stack: Stack, api: client.ApiClient, namespace: str) -> None:
+    await create_route(api, namespace, route_body("idle", annotations={ann.CANARY: "whoami-v2"}))
+    out = run_cli(stack, "pause", "idle", "-n", namespace, "--wait", "--timeout", "1")
+    assert out.returncode == 2
+    assert "is the canaryd controller running" in out.stderr
+    a = (await get_route(api, namespace, "idle"))["metadata"]["annotations"]
+    assert a[ann.INTENT] == "pause"
+
+
+# --- check -----------------------------------------------------------------------------------------
+async def test_check_reports_each_problem(stack: Stack, api: client.ApiClient, namespace: str) -> None:
+    await create_backend(api, namespace, "whoami-v1")
+    await create_backend(api, namespace, "whoami-v2")
+    await create_backend(api, namespace, "notready-v2", ready=False)
+    await create_backend(api, namespace, "down-v2")
+    await set_endpoints(api, namespace, "down-v2", ready=False)
+    good = {ann.CANARY: "whoami-v2", ann.STEPS: "50,100"}
+    await create_route(api, namespace, route_body("good", annotations=good))
+    await create_route(api, namespace, route_body("bad", annotations={ann.CANARY: "whoami-v2", ann.STEPS: "x,100"}))
+    await create_route(api, namespace, route_body("missing", annotations={ann.CANARY: "ghost-v2"},
+                                                  backends=(("whoami-v1", 100), ("ghost-v2", 0))))
+    await create_route(api, namespace, route_body("noeps", annotations={ann.CANARY: "notready-v2"},
+                                                  backends=(("whoami-v1", 100), ("notready-v2", 0))))
+    await create_route(api, namespace, route_body("unready", annotations={ann.CANARY: "down-v2"},
+                                                  backends=(("whoami-v1", 100), ("down-v2", 0))))
+    await create_route(api, namespace, route_body("analysed", annotations={**good, ann.ANALYSIS: "envoy"}))
+
+    out = run_cli(stack, "check", "good", "-n", namespace)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "no problems found" in out.stdout
+
+    out = run_cli(stack, "check", "bad", "-n", namespace)
+    assert out.returncode == 1 and "1 problem:" in out.stdout and "canaryd.io/steps" in out.stdout
+
+    out = run_cli(stack, "check", "missing", "-n", namespace)
+    assert out.returncode == 1
+    assert f"backend Service {namespace}/ghost-v2 does not exist" in out.stdout
+    assert "ghost-v2 has no EndpointSlices" in out.stdout
+
+    out = run_cli(stack, "check", "noeps", "-n", namespace)
+    assert out.returncode == 1 and "notready-v2 has no EndpointSlices" in out.stdout
+
+    out = run_cli(stack, "check", "unready", "-n", namespace)
+    assert out.returncode == 1 and "down-v2 has no ready endpoints" in out.stdout
+
+    port = free_port()
+    out = run_cli(stack, "check", "analysed", "-n", namespace, "--prometheus-url", f"http://127.0.0.1:{port}")
+    assert out.returncode == 1
+    assert "analysis: signal envoy:" in out.stdout and f"127.0.0.1:{port}" in out.stdout
+    assert "envoy: canary -; stable - -> judge: error" in out.stdout
+
+    sa = stack.sa_kubeconfig(namespace, "default")
+    out = run_cli(stack, "check", "good", "-n", namespace, kubeconfig=str(sa))
+    assert out.returncode == 1
+    assert f"missing permission: patch httproutes.gateway.networking.k8s.io in namespace {namespace}" in out.stdout
+    assert "missing permission: create leases.coordination.k8s.io in namespace default" in out.stdout
+    assert "cannot read httproute" in out.stdout
+    problems = out.stdout.split("problems:")[1].strip().splitlines()
+    assert len(problems) == 14 + 1  # every verb of every resource, and the route itself
+
+
+# --- one-line errors -----------------------------------------------------------------------------
+async def test_error_messages(stack: Stack, api: client.ApiClient, namespace: str, tmp_path: Path) -> None:
+    await create_route(api, namespace, route_body("plain"))
+
+    out = run_cli(stack, "status", env={"KUBECONFIG": str(tmp_path / "missing")}, no_kubeconfig=True)
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"error: kubeconfig {tmp_path / 'missing'} (from KUBECONFIG) does not exist")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    closed = tmp_path / "closed.kubeconfig"
+    cfg = yaml.safe_load(stack.kubeconfig.read_text())
+    cfg["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
+    closed.write_text(yaml.safe_dump(cfg))
+    out = run_cli(stack, "status", "-n", namespace, kubeconfig=str(closed))
+    assert out.returncode == 1 and "cluster unreachable" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    out = run_cli(stack, "status", "nope", "-n", namespace)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (f"error: httproute nope not found in namespace {namespace}; check the name and "
+                                  "-n/--namespace ('canaryd status -A' lists every managed route)")
+
+    for args in (("status", "plain"), ("promote", "plain")):
+        out = run_cli(stack, *args, "-n", namespace)
+        assert out.returncode == 1
+        assert "is not managed by canaryd" in out.stderr and "kubectl annotate" in out.stderr
+
+    sa = stack.sa_kubeconfig(namespace, "default")
+    out = run_cli(stack, "status", "-n", namespace, kubeconfig=str(sa))
+    assert out.returncode == 1
+    assert "forbidden" in out.stderr and "ask a cluster admin" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    # --help of every command carries examples.
+    for cmd in ("status", "check", *ann.INTENTS):
+        h = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "canaryd", cmd, "--help"],
+                                    capture_output=True, text=True, check=True, cwd=REPO)
+        assert "examples:" in h.stdout, cmd
+
+
+async def test_watch_redraws_on_change(stack: Stack, api: client.ApiClient, namespace: str) -> None:
+    st = PHASE_STATES["progressing"]
+    body = route_body("watched", backends=(("whoami-v1", 75), ("whoami-v2", 25)),
+                      annotations={ann.CANARY: "whoami-v2", ann.STATE: st.to_annotation()})
+    await create_route(api, namespace, body)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "canaryd", "status", "-n", namespace, "--watch", "--timeout", "6",
+        "--kubeconfig", str(stack.kubeconfig), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=REPO)
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 15)
+    assert first.decode().startswith("NAMESPACE")
+    promoted = st.with_(phase=st.phase.__class__("Promoted"), message="promoted: by the test")
+    await patch_route(api, namespace, "watched", {"metadata": {"annotations": {ann.STATE: promoted.to_annotation()}}})
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    text = first.decode() + out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert text.count("NAMESPACE") == 2, text  # drawn once, redrawn once on the change
+    assert text.index("Progressing") < text.index("promoted: by the test")
