@@ -137,3 +137,14 @@ async def route_events(api: client.ApiClient, namespace: str, name: str) -> list
     core = client.CoreV1Api(api)
     evs = await core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
     return sorted(evs.items, key=lambda e: int(e.metadata.resource_version))  # creation order
+
+
+async def wait_events(
+    api: client.ApiClient, namespace: str, name: str, reason: str, timeout: float = 15
+) -> list[client.CoreV1Event]:
+    """The route's Events with ``reason``, waiting for the first (Events follow the patch that caused them)."""
+
+    async def found() -> list[client.CoreV1Event] | None:
+        return [e for e in await route_events(api, namespace, name) if e.reason == reason] or None
+
+    return await eventually(found, timeout=timeout, what=f"a {reason} event on {namespace}/{name}")

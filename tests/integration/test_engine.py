@@ -25,6 +25,7 @@ from tests.kubeobjects import (
     route_body,
     route_events,
     set_endpoints,
+    wait_events,
     weights,
 )
 
@@ -95,6 +96,8 @@ async def test_full_progression_observed_through_a_watch(api: client.ApiClient, 
     assert seen == [(100, 0), (90, 10), (75, 25), (50, 50), (0, 100)]
     r = await wait_phase(api, namespace, "whoami", Phase.PROMOTED)
     assert [b["name"] for b in r["spec"]["rules"][0]["backendRefs"]] == ["whoami-v1", "whoami-v2"]
+    # Events follow the patch that caused them.
+    await wait_events(api, namespace, "whoami", "Promoted")
     reasons = [e.reason for e in await route_events(api, namespace, "whoami")]
     assert reasons[0] == "RolloutStarted" and reasons.count("StepAdvanced") == 3 and reasons[-1] == "Promoted"
 
@@ -167,13 +170,8 @@ async def test_bad_input_fails_with_event_and_leaves_route_untouched(
     st = state_of(r)
     assert st is not None and named in st.message
     assert r["spec"] == before["spec"]
-    evs = await eventually(lambda: _events(api, namespace, "InvalidSpec"), timeout=10, what="InvalidSpec event")
+    evs = await wait_events(api, namespace, "whoami", "InvalidSpec")
     assert named in evs[0].message and evs[0].type == "Warning"
-
-
-async def _events(api: client.ApiClient, namespace: str, reason: str) -> list[client.CoreV1Event] | None:
-    evs = [e for e in await route_events(api, namespace, "whoami") if e.reason == reason]
-    return evs or None
 
 
 async def test_structural_bad_inputs(api: client.ApiClient, namespace: str, engine: Engine) -> None:
@@ -301,8 +299,7 @@ async def test_intents_pause_resume_abort_retry_and_new_canary(
     r = await eventually(lambda: _with_weight(api, namespace, "whoami-v3", 10), timeout=10, what="v3 first step")
     st = state_of(r)
     assert st is not None and st.canary == "whoami-v3" and st.step == 0
-    reasons = [e.reason for e in await route_events(api, namespace, "whoami")]
-    assert "Restarted" in reasons
+    assert await wait_events(api, namespace, "whoami", "Restarted")
 
 
 async def test_state_annotation_is_versioned_json(api: client.ApiClient, namespace: str, engine: Engine) -> None:

@@ -18,7 +18,7 @@ from canaryd.engine import Engine
 from canaryd.metrics import PrometheusAnalyzer
 from canaryd.settings import PrometheusSettings, Settings
 from canaryd.state import Phase, RolloutState
-from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, route_events, weights
+from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, wait_events, weights
 
 
 def cluster(namespace: str, backend: str) -> str:
@@ -98,8 +98,7 @@ async def test_erroring_canary_is_rolled_back_at_the_threshold(
         fails = [h for h in st.history if h.verdict == "fail"]
         # Rolled back on the round that reached the threshold, never passing a step on the way.
         assert len(fails) == 2 and st.step == 0 and "success rate" in st.message
-        evs = await route_events(api, namespace, "whoami")
-        rb = [ev for ev in evs if ev.reason == "RolledBack"]
+        rb = await wait_events(api, namespace, "whoami", "RolledBack")
         assert rb and "%" in rb[0].message and "requests" in rb[0].message
     finally:
         task.cancel()
@@ -118,7 +117,7 @@ async def test_thin_traffic_is_inconclusive_and_holds(
         st = state(r)
         assert weights(r) == {"whoami-v1": 80, "whoami-v2": 20}  # held at the first step, not rolled back
         assert [h.verdict for h in st.history] == ["inconclusive"] * 3
-        assert any(ev.reason == "Inconclusive" for ev in await route_events(api, namespace, "whoami"))
+        assert await wait_events(api, namespace, "whoami", "Inconclusive")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -147,7 +146,7 @@ async def test_prometheus_down_holds_then_rolls_back(
         errors = [h for h in st.history if h.verdict == "error"]
         assert len(errors) == 2 and "Prometheus" in errors[-1].reason
         assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
-        evs = [ev for ev in await route_events(api, namespace, "whoami") if ev.reason == "AnalysisError"]
+        evs = await wait_events(api, namespace, "whoami", "AnalysisError")
         assert evs and "Prometheus" in evs[-1].message
         print(f"prometheus down -> rollback after {time.monotonic() - t0:.1f}s")
     finally:
@@ -174,7 +173,7 @@ async def test_promql_injection_in_an_annotation_is_refused(
         )
         r = await wait_phase(api, namespace, Phase.FAILED, timeout=30)
         assert ann.APP_ID in state(r).message and r["spec"] == before["spec"]
-        evs = [ev for ev in await route_events(api, namespace, "whoami") if ev.reason == "InvalidSpec"]
+        evs = await wait_events(api, namespace, "whoami", "InvalidSpec")
         assert evs and ann.APP_ID in evs[0].message
     finally:
         task.cancel()
