@@ -178,3 +178,21 @@ async def test_promql_injection_in_an_annotation_is_refused(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_latency_regression_alone_is_rolled_back(
+    api: client.ApiClient, namespace: str, setup: None, prometheus: PrometheusServer, exporter: MetricsExporter
+) -> None:
+    exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.0, latency_ms=20)
+    exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.0, latency_ms=800)
+    _engine_obj, task = await _engine(api, namespace, prometheus.url)
+    try:
+        await create_route(api, namespace, route_body("whoami", annotations=annotations(latency_max="300ms")))
+        r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
+        st = state(r)
+        fails = [h for h in st.history if h.verdict == "fail"]
+        assert len(fails) == 2 and all((h.canary_success or 0) == 100 for h in fails)
+        assert all((h.canary_latency_ms or 0) > 300 for h in fails) and "latency" in st.message
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
