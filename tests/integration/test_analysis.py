@@ -295,7 +295,7 @@ async def test_custom_template(prometheus: PrometheusServer, exporter: MetricsEx
 
 async def test_sample_templates_are_valid_promql(prometheus: PrometheusServer) -> None:
     """Every query in config/metric-templates.yaml renders and is accepted by Prometheus."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[2]  # noqa: ASYNC240 - test set-up
     settings = PrometheusSettings(
         url=prometheus.url, custom_templates_file=str(repo / "config" / "metric-templates.yaml")
     )
