@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -95,9 +96,12 @@ class Engine:
         self.events = EventRecorder(api, instance=settings.identity)
         self._sem = asyncio.Semaphore(settings.max_concurrent_rollouts)
         self._workers: dict[Key, _Worker] = {}
-        self._ready_slices: dict[Key, tuple[Key, bool]] = {}  # slice -> (service, ready)
+        # Indexed both ways so a slice event or a readiness check costs O(1), not O(routes).
+        self._slice_service: dict[Key, Key] = {}  # slice -> its service
+        self._slices_ready: dict[Key, dict[Key, bool]] = {}  # service -> {slice: ready}
         self._services: set[Key] = set()
         self._canary_of: dict[Key, Key] = {}  # route -> canary service it waits on
+        self._waiters: dict[Key, set[Key]] = {}  # canary service -> routes
         self.informers: list[Informer] = []
         self._stopping = False
 
@@ -168,25 +172,37 @@ class Engine:
         self._wake_waiters(key)
 
     def _on_slice(self, key: Key, obj: dict[str, Any] | None) -> None:
-        prev = self._ready_slices.pop(key, None)
-        if obj is not None:
-            svc = (obj["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
-            if svc:
-                self._ready_slices[key] = ((key[0], svc), slice_ready(obj))
-        for entry in (prev, self._ready_slices.get(key)):
-            if entry is not None:
-                self._wake_waiters(entry[0])
+        prev = self._slice_service.pop(key, None)
+        if prev is not None:
+            self._slices_ready.get(prev, {}).pop(key, None)
+        svc_name = None if obj is None else (obj["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if obj is not None and svc_name:
+            svc = (key[0], svc_name)
+            self._slice_service[key] = svc
+            self._slices_ready.setdefault(svc, {})[key] = slice_ready(obj)
+            self._wake_waiters(svc)
+        if prev is not None and prev != (key[0], svc_name):
+            self._wake_waiters(prev)
 
     def _wake_waiters(self, service: Key) -> None:
-        for route, svc in self._canary_of.items():
-            if svc == service and route in self._workers:
-                self._workers[route].wake.set()
+        for route in self._waiters.get(service, ()):
+            w = self._workers.get(route)
+            if w is not None:
+                w.wake.set()
+
+    def _wait_on(self, route: Key, service: Key | None) -> None:
+        old = self._canary_of.pop(route, None)
+        if old is not None:
+            self._waiters.get(old, set()).discard(route)
+        if service is not None:
+            self._canary_of[route] = service
+            self._waiters.setdefault(service, set()).add(route)
 
     def service_exists(self, namespace: str, name: str) -> bool:
         return (namespace, name) in self._services
 
     def service_ready(self, namespace: str, name: str) -> bool:
-        return any(ready for (svc, ready) in self._ready_slices.values() if svc == (namespace, name))
+        return any(self._slices_ready.get((namespace, name), {}).values())
 
     def _on_route(self, key: Key, obj: dict[str, Any] | None) -> None:
         if self._stopping:
@@ -211,24 +227,29 @@ class Engine:
                 # Decide nothing before every cache is filled: a missing Service would read as
                 # "backend does not exist" and fail a healthy rollout.
                 await asyncio.gather(*(i.synced.wait() for i in self.informers))
+                backoff = 1.0
                 while not self._stopping:
                     w.wake.clear()
                     obj = self._route_cache(key)
                     if obj is None or not is_managed(obj):
                         self.metrics.forget(ns, name)
                         return
-                    wake_at = await self.reconcile(obj)
+                    try:
+                        wake_at = await self.reconcile(obj)
+                        backoff = 1.0
+                    except Exception as exc:
+                        # Forbidden, apiserver trouble, a bug: keep the rollout and retry with backoff;
+                        # the state on the route is unchanged, so nothing is repeated or skipped.
+                        log.error("reconcile_failed", error=str(exc), exc_info=not isinstance(exc, CanarydError))
+                        wake_at = self.clock() + timedelta(seconds=backoff)
+                        backoff = min(backoff * 2, 60.0)
                     timeout = None if wake_at is None else max(0.0, (wake_at - self.clock()).total_seconds())
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(w.wake.wait(), timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("worker_crashed")
             finally:
                 if self._workers.get(key) is w:
                     del self._workers[key]
-                self._canary_of.pop(key, None)
+                self._wait_on(key, None)
 
     async def reconcile(self, obj: dict[str, Any]) -> datetime | None:
         """Reconcile one route; returns when to look again (None = on the next change)."""
@@ -246,13 +267,12 @@ class Engine:
             d = decide(facts)
             if d.analyze and pair is not None and facts.spec is not None and facts.stable is not None:
                 judgements = await self._analyze(obj, facts, pair, parent)
-                facts = Facts(**{**facts.__dict__, "judgements": judgements})
+                # Measuring takes time: decide (and schedule the next round) from when it ended.
+                facts = dataclasses.replace(facts, judgements=judgements, now=self.clock())
                 d = decide(facts)
             if facts.spec is not None:
-                self._canary_of[(obj["metadata"]["namespace"], obj["metadata"]["name"])] = (
-                    obj["metadata"]["namespace"],
-                    facts.spec.canary,
-                )
+                ns = obj["metadata"]["namespace"]
+                self._wait_on((ns, obj["metadata"]["name"]), (ns, facts.spec.canary))
             try:
                 await self._apply(obj, d, pair, raw_intent, facts.state)
                 return d.wake_at
@@ -263,7 +283,7 @@ class Engine:
                 except NotFoundError:
                     return None
         log.warning("conflict_retries_exhausted")
-        return self.clock()
+        return self.clock() + timedelta(seconds=1)
 
     def _facts(
         self, obj: dict[str, Any], judgements: list[Judgement] | None

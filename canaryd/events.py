@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from canaryd.decide import Event
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, translate
@@ -46,6 +47,14 @@ class EventRecorder:
             reporting_instance=self.instance or self.component,
         )
         try:
-            await self._core.create_namespaced_event(meta["namespace"], body)
+            # The reply is not read: skip turning it into model objects (costly at scale).
+            resp: Any = await self._core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+            try:
+                if not 200 <= resp.status <= 299:
+                    err = ApiException(status=resp.status, reason=resp.reason)
+                    err.body = await resp.read()
+                    log.warning("event_failed", reason=event.reason, error=str(translate(err, "create event")))
+            finally:
+                resp.release()
         except Exception as exc:
             log.warning("event_failed", reason=event.reason, error=str(translate(exc, "create event")))

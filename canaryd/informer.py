@@ -37,9 +37,15 @@ def raw(fn: ListFn) -> ListFn:
             return await fn(*args, **kwargs)
         resp = await fn(*args, _preload_content=False, **kwargs)
         try:
-            return json.loads(await resp.read())
+            body = await resp.read()
         finally:
             resp.release()
+        # Without preloading the client skips its status check: a 403 body must not read as "no items".
+        if not 200 <= resp.status <= 299:
+            exc = ApiException(status=resp.status, reason=resp.reason)
+            exc.body = body
+            raise exc
+        return json.loads(body)
 
     return call
 
@@ -100,7 +106,10 @@ class Informer:
         return str(resp["metadata"]["resourceVersion"])
 
     async def run(self) -> None:
-        rv = await self._relist()
+        try:
+            rv = await self._relist()
+        except ApiException as exc:
+            raise translate(exc, f"list {self.name}") from exc
         backoff = 0.5
         while True:
             w = watch.Watch()

@@ -64,7 +64,7 @@ def translate(exc: BaseException, what: str) -> CanarydError:
     if isinstance(exc, CanarydError):
         return exc
     if isinstance(exc, ApiException):
-        reason = _status_message(exc)
+        reason = status_message(exc)
         if exc.status == 404:
             return NotFoundError(f"{what}: not found ({reason})")
         if exc.status == 409:
@@ -81,7 +81,7 @@ def translate(exc: BaseException, what: str) -> CanarydError:
     return KubeError(f"{what}: {exc!r}")
 
 
-def _status_message(exc: ApiException) -> str:
+def status_message(exc: ApiException) -> str:
     try:
         body: Any = json.loads(exc.body) if exc.body else {}
         return str(body.get("message") or exc.reason)

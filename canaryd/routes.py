@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from canaryd import spec as ann
-from canaryd.errors import RouteError
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, translate
+from canaryd.errors import ConflictError, RouteError
+from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, status_message, translate
 from canaryd.plan import PairWeights, pair_scale
 
 
@@ -204,6 +205,14 @@ class RouteClient:
                 guarded,
                 field_manager=self.field_manager,
             )
+        except ApiException as exc:
+            if exc.status == 422:
+                # A failed `test` op (resourceVersion or a backend name moved) comes back as 422,
+                # with a generic message on custom resources; we never write invalid weights.
+                raise ConflictError(
+                    f"patch httproute {ref}: the route changed since it was read ({status_message(exc)})"
+                ) from exc
+            raise translate(exc, f"patch httproute {ref}") from exc
         except Exception as exc:
             raise translate(exc, f"patch httproute {ref}") from exc
         self.patches += 1

@@ -65,7 +65,7 @@ class PrometheusSettings(BaseModel):
     custom_templates_file: str | None = None
     batch_window_s: float = 0.05
     """How long the analyzer waits to coalesce concurrent analyses into one query per metric."""
-    batch_max_targets: int = 200
+    batch_max_targets: int = 2000
     """Most routes in one batched query (keeps the regex union, and the URL, bounded)."""
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from kubernetes_asyncio import client
 
+from canaryd.engine import Engine
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
+from canaryd.metrics import PrometheusAnalyzer
+from canaryd.settings import PrometheusSettings, Settings
 
 T = TypeVar("T")
 
@@ -148,3 +152,25 @@ async def wait_events(
         return [e for e in await route_events(api, namespace, name) if e.reason == reason] or None
 
     return await eventually(found, timeout=timeout, what=f"a {reason} event on {namespace}/{name}")
+
+
+@asynccontextmanager
+async def running_engine(
+    api: client.ApiClient, namespace: str, *, prometheus_url: str | None = None, analyzer: bool = False
+) -> AsyncIterator[Engine]:
+    """The real controller in-process, watching one namespace, cancelled on exit."""
+    settings = Settings(
+        leader_election=False,
+        namespaces=[namespace],
+        prometheus=PrometheusSettings(url=prometheus_url or "http://127.0.0.1:9"),
+    )
+    prom = PrometheusAnalyzer(settings.prometheus) if analyzer else None
+    engine = Engine(api, settings, analyzer=prom)
+    task = asyncio.create_task(engine.run(), name=f"engine {namespace}")
+    try:
+        yield engine
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if prom is not None:
+            await prom.aclose()

@@ -114,8 +114,8 @@ async def run_daemon(settings: Settings) -> int:
         for t in watch:
             t.cancel()
         if engine_task in done:
-            engine_task.result()  # an informer died: surface it
             rc = 1
+            engine_task.result()  # an informer died: surface it
         elif elector is not None and elector.lost.is_set():
             log.error("leadership_lost_exiting")
             rc = 1

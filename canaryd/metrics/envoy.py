@@ -33,6 +33,9 @@ class EnvoyTarget:
     stable: str  # RE2/Python regex for the stable backend's cluster names
     canary: str
     quantile: float
+    namespace: str
+    stable_name: str  # literal backend names: a cheap pre-filter before the regex
+    canary_name: str
 
 
 def cluster_pattern(template: str, *, namespace: str, service: str, port: int, parent: str) -> str:
@@ -58,6 +61,7 @@ class EnvoySignal:
             raise MetricsError(f"envoy_cluster_label {settings.envoy_cluster_label!r} is not a label name")
         self._template = settings.envoy_cluster_pattern
         self._label = settings.envoy_cluster_label
+        self._named = "{service}" in self._template  # cluster names then hold the backend name
         try:
             re.compile(cluster_pattern(self._template, namespace="a", service="b", port=1, parent="c"))
         except re.error as exc:
@@ -77,13 +81,28 @@ class EnvoySignal:
             stable=pattern(target.stable, "stable"),
             canary=pattern(target.canary, "canary"),
             quantile=target.spec.latency_quantile,
+            namespace=promql.safe_label("namespace", target.namespace),
+            stable_name=target.stable,
+            canary_name=target.canary,
         )
+
+    def _selector(self, items: Sequence[EnvoyTarget]) -> str:
+        """A coarse matcher: the batch's namespaces when the pattern names them, else every pattern.
+
+        A union of hundreds of ``.*``-led patterns costs Prometheus seconds per query; a few
+        namespace substrings cost milliseconds. Each route's exact pattern is applied here.
+        """
+        if "{namespace}" in self._template:
+            namespaces = sorted({t.namespace for t in items})
+            union = ".*(?:" + "|".join(promql.regex_escape(ns) for ns in namespaces) + ").*"
+        else:
+            union = promql.regex_union(p for t in items for p in (t.stable, t.canary))
+        return f"{self._label}=~{promql.string_literal(union)}"
 
     async def measure(
         self, client: PrometheusClient, window_s: float, items: Sequence[EnvoyTarget]
     ) -> list[Observation]:
-        union = promql.regex_union(p for t in items for p in (t.stable, t.canary))
-        selector = f"{self._label}=~{promql.string_literal(union)}"
+        selector = self._selector(items)
         w = promql.duration(window_s)
         q_requests = f"sum by ({self._label}, {CODE_LABEL}) (increase({REQUESTS}{{{selector}}}[{w}]))"
         q_latency = f"sum by ({self._label}, le) (rate({LATENCY_BUCKET}{{{selector}}}[{w}]))"
@@ -104,11 +123,11 @@ class EnvoySignal:
         names = set(totals) | set(buckets)
         cache: dict[str, BackendStats] = {}
 
-        def stats(pattern: str, quantile: float) -> BackendStats:
+        def stats(pattern: str, literal: str, quantile: float) -> BackendStats:
             key = f"{quantile}\0{pattern}"
             if key not in cache:
                 rx = re.compile(pattern)
-                matched = [n for n in names if rx.fullmatch(n)]
+                matched = [n for n in names if literal in n and rx.fullmatch(n)]
                 req = sum(totals[n][0] for n in matched if n in totals)
                 err = sum(totals[n][1] for n in matched if n in totals)
                 merged: dict[float, float] = defaultdict(float)
@@ -119,6 +138,10 @@ class EnvoySignal:
             return cache[key]
 
         return [
-            Observation(self.name, canary=stats(t.canary, t.quantile), stable=stats(t.stable, t.quantile))
+            Observation(
+                self.name,
+                canary=stats(t.canary, t.canary_name if self._named else "", t.quantile),
+                stable=stats(t.stable, t.stable_name if self._named else "", t.quantile),
+            )
             for t in items
         ]

@@ -63,12 +63,18 @@ class PrometheusClient:
             retry=Retry(total=0, raise_on_status=False),
             timeout=settings.timeout_s,
         )
+        self._gate = asyncio.Semaphore(max(1, settings.max_concurrency))
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, settings.max_concurrency), thread_name_prefix="prometheus-query"
         )
 
     async def query(self, promql: str) -> list[Sample]:
         """Run an instant query; raise ``MetricsError`` on any failure."""
+        # Queue here, not in the pool: the timeout must measure Prometheus, not our own backlog.
+        async with self._gate:
+            return await self._query(promql)
+
+    async def _query(self, promql: str) -> list[Sample]:
         with self._lock:
             self.queries_issued += 1
         loop = asyncio.get_running_loop()

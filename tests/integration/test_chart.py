@@ -31,13 +31,13 @@ CHART = REPO / "charts" / "canaryd"
 CRDS = Path(__file__).resolve().parent / "crds"
 RELEASE_NS = "canaryd-system"
 
-# What canaryd does with the Kubernetes API, and nothing more (see the chart README).
+# What canaryd does with the Kubernetes API, and nothing more (see the chart README and
+# docs/rbac.md; tests/integration/test_rbac_proof.py shows each verb is needed).
 EXPECTED_RULES = {
     ("gateway.networking.k8s.io", "httproutes", frozenset({"get", "list", "watch", "patch"})),
-    ("discovery.k8s.io", "endpointslices", frozenset({"get", "list", "watch"})),
-    ("", "services", frozenset({"get", "list", "watch"})),
-    ("", "events", frozenset({"create", "patch"})),
-    ("events.k8s.io", "events", frozenset({"create", "patch"})),
+    ("discovery.k8s.io", "endpointslices", frozenset({"list", "watch"})),
+    ("", "services", frozenset({"list", "watch"})),
+    ("", "events", frozenset({"create"})),
 }
 # The metric names the daemon exposes; dashboards and alerts may use nothing else.
 METRICS = {
@@ -690,6 +690,74 @@ def test_readme_documents_every_value() -> None:
     assert not missing, f"chart README lacks {missing}"
 
 
+# --- network policy (no Cilium CRDs here: parsing and checking the structure is the test) ----
+
+CILIUM_POLICY = REPO / "config" / "cilium-network-policy.yaml"
+
+
+def _ports(rule: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(p["port"], p["protocol"]) for tp in rule.get("toPorts", []) for p in tp["ports"]}
+
+
+def _any_namespace(selector: dict[str, Any]) -> bool:
+    return {"key": "k8s:io.kubernetes.pod.namespace", "operator": "Exists"} in selector.get("matchExpressions", [])
+
+
+def test_cilium_network_policy(tmp_path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(CILIUM_POLICY.read_text()) if d]
+    assert len(docs) == 1
+    [pol] = docs
+    assert pol["apiVersion"] == "cilium.io/v2" and pol["kind"] == "CiliumNetworkPolicy"
+    spec = pol["spec"]
+    assert set(spec) >= {"endpointSelector", "egress", "ingress"}
+    # It selects the chart's pods (for any release name) and nothing else of the chart.
+    rendered = render(tmp_path)
+    pod_labels = one(rendered, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    selector = spec["endpointSelector"]
+    assert set(selector) == {"matchLabels"}
+    assert selector["matchLabels"].items() <= pod_labels.items()
+    assert selector["matchLabels"] == {"app.kubernetes.io/name": "canaryd"}
+
+    egress = spec["egress"]
+    assert len(egress) == 3, "only the API server, Prometheus and DNS"
+    for rule in egress:
+        assert not {"toCIDR", "toCIDRSet", "toFQDNs", "toServices"} & set(rule), rule
+        assert "world" not in rule.get("toEntities", []) and "all" not in rule.get("toEntities", [])
+    # 1. the API server
+    [api] = [r for r in egress if "toEntities" in r]
+    assert api["toEntities"] == ["kube-apiserver"]
+    # 2. Prometheus, 9090/TCP, any namespace
+    [prom] = [
+        r
+        for r in egress
+        if any(e.get("matchLabels", {}).get("app.kubernetes.io/name") == "prometheus" for e in r.get("toEndpoints", []))
+    ]
+    [sel] = prom["toEndpoints"]
+    assert sel["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    assert _any_namespace(sel)
+    assert _ports(prom) == {("9090", "TCP")}
+    assert str(PrometheusSettings().url).rstrip("/").endswith(":9090")  # the default URL's port
+    # 3. DNS to kube-dns on 53 UDP+TCP, through the DNS proxy
+    [dns] = [
+        r
+        for r in egress
+        if any(e.get("matchLabels", {}).get("k8s:k8s-app") == "kube-dns" for e in r.get("toEndpoints", []))
+    ]
+    [sel] = dns["toEndpoints"]
+    assert sel["matchLabels"] == {"k8s:io.kubernetes.pod.namespace": "kube-system", "k8s:k8s-app": "kube-dns"}
+    assert _ports(dns) == {("53", "UDP"), ("53", "TCP")}
+    [tp] = dns["toPorts"]
+    assert tp["rules"]["dns"], "DNS rules (the DNS proxy) are required"
+
+    # Ingress: Prometheus (any namespace) on the metrics port only.
+    [ing] = spec["ingress"]
+    [src] = ing["fromEndpoints"]
+    assert src["matchLabels"] == {"app.kubernetes.io/name": "prometheus"} and _any_namespace(src)
+    port = container(rendered)["ports"][0]["containerPort"]
+    assert _ports(ing) == {(str(port), "TCP")}
+    assert not {"fromEntities", "fromCIDR", "fromCIDRSet"} & set(ing)
+
+
 # --- against the real apiserver -----------------------------------------------------------
 
 
@@ -771,16 +839,11 @@ GRANTED = [
     ("list", "httproutes.gateway.networking.k8s.io"),
     ("watch", "httproutes.gateway.networking.k8s.io"),
     ("patch", "httproutes.gateway.networking.k8s.io"),
-    ("get", "endpointslices.discovery.k8s.io"),
     ("list", "endpointslices.discovery.k8s.io"),
     ("watch", "endpointslices.discovery.k8s.io"),
-    ("get", "services"),
     ("list", "services"),
     ("watch", "services"),
     ("create", "events"),
-    ("patch", "events"),
-    ("create", "events.events.k8s.io"),
-    ("patch", "events.events.k8s.io"),
 ]
 DENIED = [
     ("update", "httproutes.gateway.networking.k8s.io"),
@@ -793,6 +856,12 @@ DENIED = [
     ("delete", "events"),
     ("list", "events"),
     ("patch", "endpointslices.discovery.k8s.io"),
+    # Granted by earlier versions of the chart; the daemon never makes these calls.
+    ("get", "services"),
+    ("get", "endpointslices.discovery.k8s.io"),
+    ("patch", "events"),
+    ("create", "events.events.k8s.io"),
+    ("patch", "events.events.k8s.io"),
     ("list", "leases.coordination.k8s.io"),
     ("delete", "leases.coordination.k8s.io"),
 ]

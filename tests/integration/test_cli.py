@@ -4,7 +4,6 @@ engine, check, and the one-line errors."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +24,6 @@ from canaryd.commands import control
 from canaryd.devstack.controlplane import free_port
 from canaryd.engine import Engine
 from canaryd.routes import RouteRef
-from canaryd.settings import Settings
 from canaryd.state import RolloutState
 from tests.conftest import Stack
 from tests.kubeobjects import (
@@ -35,6 +33,7 @@ from tests.kubeobjects import (
     get_route,
     patch_route,
     route_body,
+    running_engine,
     set_endpoints,
 )
 from tests.unit.test_status_render import GOLDEN, NOW, PHASE_STATES, ROUTE_WEIGHTS, SCHEMA, all_routes
@@ -115,15 +114,9 @@ async def test_status_golden_from_apiserver(stack: Stack, api: client.ApiClient,
 
 # --- engine-driven: --wait and intents -----------------------------------------------------------
 @pytest.fixture
-async def engine(api: client.ApiClient) -> AsyncIterator[Engine]:
-    e = Engine(api, Settings(leader_election=False))
-    task = asyncio.create_task(e.run())
-    try:
+async def engine(api: client.ApiClient, namespace: str) -> AsyncIterator[Engine]:
+    async with running_engine(api, namespace) as e:
         yield e
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _state(api: client.ApiClient, namespace: str, name: str) -> RolloutState | None:

@@ -14,7 +14,6 @@ from kubernetes_asyncio import client, watch
 from canaryd import spec as ann
 from canaryd.engine import Engine
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
-from canaryd.settings import Settings
 from canaryd.state import Phase, RolloutState
 from tests.kubeobjects import (
     create_backend,
@@ -24,6 +23,7 @@ from tests.kubeobjects import (
     patch_route,
     route_body,
     route_events,
+    running_engine,
     set_endpoints,
     wait_events,
     weights,
@@ -32,11 +32,8 @@ from tests.kubeobjects import (
 
 @pytest.fixture
 async def engine(api: client.ApiClient, namespace: str) -> AsyncIterator[Engine]:
-    e = Engine(api, Settings(leader_election=False, namespaces=[namespace]))
-    task = asyncio.create_task(e.run())
-    yield e
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running_engine(api, namespace) as e:
+        yield e
 
 
 async def backends(api: client.ApiClient, namespace: str, *names: str) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,17 @@ from canaryd import spec as ann
 from canaryd.devstack.exporter import MetricsExporter
 from canaryd.devstack.prometheus import PrometheusServer
 from canaryd.engine import Engine
-from canaryd.metrics import PrometheusAnalyzer
-from canaryd.settings import PrometheusSettings, Settings
 from canaryd.state import Phase, RolloutState
-from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, wait_events, weights
+from tests.kubeobjects import (
+    create_backend,
+    create_route,
+    eventually,
+    get_route,
+    route_body,
+    running_engine,
+    wait_events,
+    weights,
+)
 
 
 def cluster(namespace: str, backend: str) -> str:
@@ -26,10 +33,8 @@ def cluster(namespace: str, backend: str) -> str:
     return f"{namespace}/whoami/{namespace}_{backend}_80"
 
 
-async def _engine(api: client.ApiClient, namespace: str, prom_url: str) -> tuple[Engine, asyncio.Task[None]]:
-    settings = Settings(leader_election=False, namespaces=[namespace], prometheus=PrometheusSettings(url=prom_url))
-    e = Engine(api, settings, analyzer=PrometheusAnalyzer(settings.prometheus))
-    return e, asyncio.create_task(e.run())
+def _engine(api: client.ApiClient, namespace: str, prom_url: str) -> AbstractAsyncContextManager[Engine]:
+    return running_engine(api, namespace, prometheus_url=prom_url, analyzer=True)
 
 
 @pytest.fixture
@@ -71,17 +76,13 @@ async def test_healthy_canary_is_promoted(
 ) -> None:
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.001)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.001)
-    _engine_obj, task = await _engine(api, namespace, prometheus.url)
-    try:
+    async with _engine(api, namespace, prometheus.url):
         await create_route(api, namespace, route_body("whoami", annotations=annotations()))
         r = await wait_phase(api, namespace, Phase.PROMOTED)
         st = state(r)
         assert weights(r) == {"whoami-v1": 0, "whoami-v2": 100}
         passes = [h for h in st.history if h.verdict == "pass"]
         assert len(passes) >= 2 and all((h.canary_requests or 0) >= 50 for h in passes)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_erroring_canary_is_rolled_back_at_the_threshold(
@@ -89,8 +90,7 @@ async def test_erroring_canary_is_rolled_back_at_the_threshold(
 ) -> None:
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.001)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.05)
-    _engine_obj, task = await _engine(api, namespace, prometheus.url)
-    try:
+    async with _engine(api, namespace, prometheus.url):
         await create_route(api, namespace, route_body("whoami", annotations=annotations()))
         r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
         st = state(r)
@@ -100,9 +100,6 @@ async def test_erroring_canary_is_rolled_back_at_the_threshold(
         assert len(fails) == 2 and st.step == 0 and "success rate" in st.message
         rb = await wait_events(api, namespace, "whoami", "RolledBack")
         assert rb and "%" in rb[0].message and "requests" in rb[0].message
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_thin_traffic_is_inconclusive_and_holds(
@@ -110,17 +107,13 @@ async def test_thin_traffic_is_inconclusive_and_holds(
 ) -> None:
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.0)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=5, error_ratio=0.5)  # ~20 req per window
-    _engine_obj, task = await _engine(api, namespace, prometheus.url)
-    try:
+    async with _engine(api, namespace, prometheus.url):
         await create_route(api, namespace, route_body("whoami", annotations=annotations(max_inconclusive="3")))
         r = await wait_phase(api, namespace, Phase.PAUSED, timeout=120)
         st = state(r)
         assert weights(r) == {"whoami-v1": 80, "whoami-v2": 20}  # held at the first step, not rolled back
         assert [h.verdict for h in st.history] == ["inconclusive"] * 3
         assert await wait_events(api, namespace, "whoami", "Inconclusive")
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_prometheus_down_holds_then_rolls_back(
@@ -132,27 +125,25 @@ async def test_prometheus_down_holds_then_rolls_back(
     prom.add_target(job, exporter.address)
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100)
-    _engine_obj, task = await _engine(api, namespace, prom.url)
     try:
-        await prom.wait_target_up(job, timeout=30)
-        await create_route(
-            api, namespace, route_body("whoami", annotations=annotations(steps="20,40,60,100", max_errors="2"))
-        )
-        await eventually(lambda: _at_step(api, namespace, 1), timeout=60, what="a passed analysis round")
-        prom.stop()
-        t0 = time.monotonic()
-        r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
-        st = state(r)
-        errors = [h for h in st.history if h.verdict == "error"]
-        assert len(errors) == 2 and "Prometheus" in errors[-1].reason
-        assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
-        evs = await wait_events(api, namespace, "whoami", "AnalysisError")
-        assert evs and "Prometheus" in evs[-1].message
-        print(f"prometheus down -> rollback after {time.monotonic() - t0:.1f}s")
+        async with _engine(api, namespace, prom.url):
+            await prom.wait_target_up(job, timeout=30)
+            await create_route(
+                api, namespace, route_body("whoami", annotations=annotations(steps="20,40,60,100", max_errors="2"))
+            )
+            await eventually(lambda: _at_step(api, namespace, 1), timeout=60, what="a passed analysis round")
+            prom.stop()
+            t0 = time.monotonic()
+            r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
+            st = state(r)
+            errors = [h for h in st.history if h.verdict == "error"]
+            assert len(errors) == 2 and "Prometheus" in errors[-1].reason
+            assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
+            evs = await wait_events(api, namespace, "whoami", "AnalysisError")
+            assert evs and "Prometheus" in evs[-1].message
+            print(f"prometheus down -> rollback after {time.monotonic() - t0:.1f}s")
     finally:
         prom.stop()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _at_step(api: client.ApiClient, namespace: str, step: int) -> bool:
@@ -164,8 +155,7 @@ async def _at_step(api: client.ApiClient, namespace: str, step: int) -> bool:
 async def test_promql_injection_in_an_annotation_is_refused(
     api: client.ApiClient, namespace: str, setup: None, prometheus: PrometheusServer
 ) -> None:
-    _engine_obj, task = await _engine(api, namespace, prometheus.url)
-    try:
+    async with _engine(api, namespace, prometheus.url):
         before = await create_route(
             api,
             namespace,
@@ -175,9 +165,6 @@ async def test_promql_injection_in_an_annotation_is_refused(
         assert ann.APP_ID in state(r).message and r["spec"] == before["spec"]
         evs = await wait_events(api, namespace, "whoami", "InvalidSpec")
         assert evs and ann.APP_ID in evs[0].message
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_latency_regression_alone_is_rolled_back(
@@ -185,14 +172,10 @@ async def test_latency_regression_alone_is_rolled_back(
 ) -> None:
     exporter.set_backend(cluster(namespace, "whoami-v1"), rps=200, error_ratio=0.0, latency_ms=20)
     exporter.set_backend(cluster(namespace, "whoami-v2"), rps=100, error_ratio=0.0, latency_ms=800)
-    _engine_obj, task = await _engine(api, namespace, prometheus.url)
-    try:
+    async with _engine(api, namespace, prometheus.url):
         await create_route(api, namespace, route_body("whoami", annotations=annotations(latency_max="300ms")))
         r = await wait_phase(api, namespace, Phase.ROLLED_BACK)
         st = state(r)
         fails = [h for h in st.history if h.verdict == "fail"]
         assert len(fails) == 2 and all((h.canary_success or 0) == 100 for h in fails)
         assert all((h.canary_latency_ms or 0) > 300 for h in fails) and "latency" in st.message
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)

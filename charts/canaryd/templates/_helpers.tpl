@@ -115,21 +115,24 @@ app.kubernetes.io/part-of: canaryd
 {{- if or .Values.metricTemplates.existingConfigMap .Values.metricTemplates.templates }}true{{ end }}
 {{- end }}
 
-{{/* Rules canaryd needs on routes, endpoint slices, services and events (ClusterRole or Role). */}}
+{{/*
+Rules canaryd needs on routes, endpoint slices, services and events (ClusterRole or Role):
+exactly the calls the daemon makes, each proven needed by tests/integration/test_rbac_proof.py
+(docs/rbac.md). httproutes: informer list+watch, guarded JSON patch, get to re-read after a
+conflict. services, endpointslices: informer list+watch only (no get). events: core/v1 create
+only (never events.k8s.io, never patch).
+*/}}
 {{- define "canaryd.rules" -}}
 - apiGroups: ["gateway.networking.k8s.io"]
   resources: ["httproutes"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
