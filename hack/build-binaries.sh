@@ -26,7 +26,7 @@ check_pin crds sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION"
 build() { # module dir, package, binary name
   if [ -x "$out/$3" ]; then return 0; fi
   echo "build-binaries: building $3 (first time only; cached in $out)" >&2
-  (cd "$here/controlplane/$1" && CGO_ENABLED=0 go build -mod=readonly -trimpath -ldflags='-s -w' -o "$out/$3.tmp" "$2")
+  (cd "$here/controlplane/$1" && CGO_ENABLED=0 go build -mod=readonly -buildvcs=false -trimpath -ldflags='-s -w' -o "$out/$3.tmp" "$2")
   mv "$out/$3.tmp" "$out/$3"
 }
 build etcd . etcd &

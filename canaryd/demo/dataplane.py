@@ -66,7 +66,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -74,7 +74,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
@@ -87,6 +87,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from canaryd.informer import Informer
+from canaryd.informer import raw as raw_list
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
 from canaryd.spec import APP_ID
 
@@ -521,81 +523,6 @@ class DataPlaneStats(Collector):
         yield lat
 
 
-# --------------------------------------------------------------------------- watching
-
-_ListFn = Callable[..., Awaitable[Any]]
-
-
-class _Watcher:
-    """List then watch one resource kind in one namespace into ``store`` (name -> dict)."""
-
-    def __init__(self, api: client.ApiClient, kind: str, list_fn: _ListFn,
-                 on_change: Callable[[], Awaitable[None]], *, label_selector: str | None = None,
-                 watch_timeout_s: int = 55) -> None:
-        self.api = api
-        self.kind = kind
-        self.list_fn = list_fn
-        self.on_change = on_change
-        self.label_selector = label_selector
-        self.watch_timeout_s = watch_timeout_s
-        self.store: dict[str, dict[str, Any]] = {}
-        self.resource_version: str | None = None
-        self.relists = 0
-
-    def _kwargs(self) -> dict[str, Any]:
-        return {"label_selector": self.label_selector} if self.label_selector else {}
-
-    async def relist(self) -> None:
-        raw = await self.list_fn(**self._kwargs())
-        data: dict[str, Any] = (raw if isinstance(raw, dict)
-                                else self.api.sanitize_for_serialization(raw))
-        self.store = {str(o["metadata"]["name"]): o for o in data.get("items") or []}
-        self.resource_version = str(data["metadata"]["resourceVersion"])
-        self.relists += 1
-        log.debug("relisted", kind=self.kind, objects=len(self.store), rv=self.resource_version)
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Watch until ``stopping`` is set; each iteration is one bounded watch request."""
-        backoff = 0.2
-        while not stopping.is_set():
-            try:
-                if self.resource_version is None:
-                    await self.relist()
-                    await self.on_change()
-                w = watch.Watch()
-                async with w.stream(self.list_fn, resource_version=self.resource_version,
-                                    timeout_seconds=self.watch_timeout_s,
-                                    allow_watch_bookmarks=True, **self._kwargs()) as stream:
-                    async for event in stream:
-                        self._apply(event)
-                        if event["type"] != "BOOKMARK":
-                            await self.on_change()
-                backoff = 0.2
-                continue
-            except ApiException as exc:
-                if exc.status == 410:
-                    log.info("watch_expired_relisting", kind=self.kind, rv=self.resource_version)
-                    self.resource_version = None
-                    continue
-                log.warning("watch_failed", kind=self.kind, status=exc.status, reason=exc.reason)
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                log.warning("watch_failed", kind=self.kind, error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=backoff)
-            backoff = min(backoff * 2, 5.0)
-
-    def _apply(self, event: Mapping[str, Any]) -> None:
-        obj: dict[str, Any] = event["raw_object"]
-        meta = obj.get("metadata") or {}
-        if meta.get("resourceVersion"):
-            self.resource_version = str(meta["resourceVersion"])
-        kind = event["type"]
-        if kind in ("ADDED", "MODIFIED"):
-            self.store[str(meta["name"])] = obj
-        elif kind == "DELETED":
-            self.store.pop(str(meta["name"]), None)
-
-
 # --------------------------------------------------------------------------- the data plane
 
 class DataPlane:
@@ -631,7 +558,8 @@ class DataPlane:
         self._runners: dict[str, web.BaseRunner] = {}
         self._admin: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._watchers: list[_Watcher] = []
+        self._informers: dict[str, Informer] = {}
+        self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._rebuild_lock = asyncio.Lock()
@@ -649,21 +577,27 @@ class DataPlane:
         core = client.CoreV1Api(api)
         disc = client.DiscoveryV1Api(api)
         ns = self.namespace
-        self._watchers = [
-            _Watcher(api, "httproute", partial(co.list_namespaced_custom_object, GATEWAY_GROUP,
-                                               GATEWAY_VERSION, ns, HTTPROUTES), self._rebuild),
-            _Watcher(api, "service", partial(core.list_namespaced_service, ns), self._rebuild),
-            _Watcher(api, "endpointslice", partial(disc.list_namespaced_endpoint_slice, ns),
-                     self._rebuild, label_selector=SERVICE_NAME_LABEL),
-        ]
+        # The controller's own informers (list+watch, 410 relist); any change marks the table dirty.
+        changed = lambda _key, _obj: self._dirty.set()  # noqa: E731
+        self._informers = {
+            "httproute": Informer("httproute", raw_list(co.list_namespaced_custom_object),
+                                  (GATEWAY_GROUP, GATEWAY_VERSION, ns, HTTPROUTES), on_change=changed,
+                                  timeout_s=55),
+            "service": Informer("service", raw_list(core.list_namespaced_service), (ns,), on_change=changed,
+                                timeout_s=55),
+            "endpointslice": Informer("endpointslice", raw_list(disc.list_namespaced_endpoint_slice), (ns,),
+                                      on_change=changed, label_selector=SERVICE_NAME_LABEL, timeout_s=55),
+        }
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
             timeout=aiohttp.ClientTimeout(total=self.upstream_timeout_s),
             auto_decompress=False,
         )
+        self._stopping.clear()
+        for name, inf in self._informers.items():
+            self._tasks.append(asyncio.create_task(inf.run(), name=f"dataplane-watch-{name}"))
         try:
-            for w in self._watchers:
-                await w.relist()
+            await self._wait_synced()
             await self._rebuild()
             await self._start_admin()
             for parent, port in (self._listen or {}).items():
@@ -671,10 +605,7 @@ class DataPlane:
         except BaseException:
             await self.stop()
             raise
-        self._stopping.clear()
-        for w in self._watchers:
-            self._tasks.append(asyncio.create_task(w.run(self._stopping),
-                                                   name=f"dataplane-watch-{w.kind}"))
+        self._tasks.append(asyncio.create_task(self._rebuild_on_change(), name="dataplane-rebuild"))
         log.info("dataplane_started", namespace=ns, admin_port=self.admin_port,
                  listeners=self.ports, parents=sorted(self.table.parents))
 
@@ -715,9 +646,27 @@ class DataPlane:
 
     # -- table
 
+    async def _wait_synced(self) -> None:
+        """Until every informer has listed once; an informer that fails (e.g. forbidden) raises."""
+        synced: asyncio.Future[Any] = asyncio.gather(*(inf.synced.wait() for inf in self._informers.values()))
+        waiting: list[asyncio.Future[Any]] = [synced, *self._tasks]
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not synced:
+                t.result()
+        synced.cancel()
+        self._dirty.clear()
+
+    async def _rebuild_on_change(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._rebuild()
+
     async def _rebuild(self) -> None:
         async with self._rebuild_lock:
-            by_kind = {w.kind: w.store for w in self._watchers}
+            by_kind = {kind: {key[1]: obj for key, obj in inf.cache.items()}
+                       for kind, inf in self._informers.items()}
             refused: set[str] = set()
             self._version += 1
             table = build_table(self.namespace, by_kind["httproute"].values(),
