@@ -229,8 +229,9 @@ def decide(f: Facts) -> Decision:
             )
 
     def hold(new: RolloutState, wake: datetime | None) -> Decision:
+        # Nothing to do now; write the state only if this call changed it (new rollout, intent).
         return Decision(
-            state=new if (changed or new is not st) else None,
+            state=new if changed else None,
             events=tuple(events),
             wake_at=wake,
             consume_intent=consume,
