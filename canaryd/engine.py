@@ -417,7 +417,7 @@ class Engine:
                 self.metrics.rollbacks.labels(ns, name).inc()
         self._observe(obj, st)
         for e in d.events:
-            await self.events.emit(obj, e)
+            self.events.submit(obj, e)
 
     def _observe(self, obj: dict[str, Any], st: RolloutState | None) -> None:
         if st is None:
@@ -436,6 +436,7 @@ class Engine:
         """Run informers and workers until cancelled."""
         self.informers = self._build_informers()
         tasks = [asyncio.create_task(i.run(), name=f"informer {i.name}") for i in self.informers]
+        events = asyncio.create_task(self.events.run(), name="events")
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -448,3 +449,5 @@ class Engine:
             for t in workers:
                 t.cancel()
             await asyncio.gather(*tasks, *workers, return_exceptions=True)
+            events.cancel()  # after the workers: it flushes what they queued last
+            await asyncio.gather(events, return_exceptions=True)
