@@ -260,6 +260,40 @@ def step_writes(runs: list[Seen]) -> tuple[int, int]:
     return writes, moves
 
 
+def classify_writes(runs: list[Seen]) -> dict[str, int]:
+    """Route writes after creation by cause: ``step`` (moved step or phase, the write a step
+    needs), ``analysis_hold`` (same step and phase, an analysis counter moved: an inconclusive,
+    error or failed round recorded while holding), ``other`` (anything else: a duplicate).
+    ``step`` over the expected transitions is the "one write per step" figure; the holds are
+    legitimate extra writes and are reported apart."""
+    out = {"step": 0, "analysis_hold": 0, "other": 0}
+    prev: dict[str, Any] | None = None
+    for i, s in enumerate(runs):
+        st = s.state
+        if i > 0:
+            key = (st.get("step"), st.get("phase")) if st else (None, None)
+            pkey = (prev.get("step"), prev.get("phase")) if prev else (None, None)
+            if st is not None and key != pkey:
+                out["step"] += 1
+            elif st is not None and prev is not None and any(
+                st.get(k, 0) != prev.get(k, 0) for k in ("errors", "inconclusive", "failures")
+            ):
+                out["analysis_hold"] += 1
+            else:
+                out["other"] += 1
+        prev = st
+    return out
+
+
+def pid_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (None when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 # --- the daemon ------------------------------------------------------------------------------
 
 
@@ -344,9 +378,11 @@ class Daemon:
         raise TimeoutError(f"canaryd not ready after {timeout:g}s; log {self.log_path}")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         # utime and stime are fields 14 and 15 of stat(5); after ')' the list starts at field 3.
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        cpu = pid_cpu_seconds(self.pid)
+        if cpu is None:
+            raise ProcessLookupError(self.pid)
+        return cpu
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

@@ -26,6 +26,17 @@ def _q(s: dict[str, Any], unit: str = " s", scale: float = 1.0, digits: int = 2)
     )
 
 
+def _causes(s: dict[str, Any]) -> str:
+    """Route writes split by cause; older results only allow steps vs the rest."""
+    c = s.get("writes_by_cause")
+    if c:
+        return f"{c['step']} / {c['analysis_hold']} / {c['other']}"
+    rest = s["route_writes"] - s["step_transitions"]
+    if rest == 0:
+        return f"{s['step_transitions']} / 0 / 0"
+    return f"{s['step_transitions']} / {rest} (hold + other, not split) / –"
+
+
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
     out = [
@@ -78,8 +89,9 @@ def render(r: dict[str, Any]) -> str:
             "### Scale",
             "",
             "| routes | all promoted | step jitter p50 / p99 / max | peak RSS | CPU s/min "
-            "| route writes per step per route | Prometheus queries per round |",
-            "|---|---|---|---|---|---|---|",
+            "| route writes per step per route | of which: step / analysis-hold / other "
+            "| Prometheus queries per round |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for s in rows:
             j = s["step_jitter_seconds"]
@@ -90,6 +102,7 @@ def render(r: dict[str, Any]) -> str:
                 f"| {_f(d['peak_rss_mb'], ' MB', digits=0)} | {_f(d['cpu_seconds_per_minute'], digits=1)} "
                 f"| {_f(s['writes_per_step_per_route'], digits=3)} "
                 f"({s['route_writes']} writes / {s['step_transitions']} steps) "
+                f"| {_causes(s)} "
                 f"| {_f(s['prometheus_queries_per_round'], digits=1)} |"
             )
         out.append("")

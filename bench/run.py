@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -83,7 +84,14 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def run(name: str, sizes: Sizes, phases: tuple[str, ...], out: Path, keep: bool = False) -> dict[str, Any]:
+async def run(
+    name: str,
+    sizes: Sizes,
+    phases: tuple[str, ...],
+    out: Path,
+    keep: bool = False,
+    daemon_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"canaryd-bench-{name}-"))
     started = time.monotonic()
     result: dict[str, Any] = {
@@ -104,7 +112,18 @@ async def run(name: str, sizes: Sizes, phases: tuple[str, ...], out: Path, keep:
         await prom.wait_target_up("bench-exporter", timeout=30)
         api = await new_client(info.kubeconfig)
         try:
-            env = Env(api=api, kubeconfig=info.kubeconfig, prometheus=prom, exporter=exporter, work=work)
+            pids = {**info.pids, "prometheus": prom.pid, "bench": os.getpid()}
+            env = Env(
+                api=api,
+                kubeconfig=info.kubeconfig,
+                prometheus=prom,
+                exporter=exporter,
+                work=work,
+                pids=pids,
+                daemon_env=dict(daemon_env or {}),
+            )
+            if daemon_env:
+                result["daemon_env"] = dict(daemon_env)
             if "reaction" in phases:
                 print(f"reaction: {sizes.reaction_routes} routes", flush=True)
                 result["reaction"] = await scenarios.reaction(env, sizes.reaction_routes)
@@ -152,12 +171,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", choices=PHASES, help="run only these phases")
     p.add_argument("--out", type=Path, help="result file (default bench/results/<smoke|full>.json)")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs of every daemon)")
+    p.add_argument("--scale-routes", nargs="+", type=int, help="route counts for scale (default by size)")
+    p.add_argument("--profile-routes", type=int, help="route count for the profiled scale run (0 = none)")
+    p.add_argument(
+        "--daemon-env",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the scale daemons, e.g. CANARYD_PROMETHEUS__BATCH_WINDOW_S=0.5",
+    )
     args = p.parse_args(argv)
     name = "smoke" if args.smoke else "full"
     sizes = SMOKE if args.smoke else FULL
+    if args.scale_routes:
+        sizes = dataclasses.replace(sizes, scale_routes=tuple(args.scale_routes))
+    if args.profile_routes is not None:
+        sizes = dataclasses.replace(sizes, profile_routes=args.profile_routes or None)
+    daemon_env = dict(kv.split("=", 1) for kv in args.daemon_env)
     phases = tuple(args.only) if args.only else PHASES
     out = args.out or RESULTS / f"{name}.json"
-    result = asyncio.run(run(name, sizes, phases, out, keep=args.keep))
+    result = asyncio.run(run(name, sizes, phases, out, keep=args.keep, daemon_env=daemon_env))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} in {result['seconds']}s", flush=True)

@@ -18,10 +18,12 @@ from bench.harness import (
     RouteRecorder,
     Seen,
     annotate_route,
+    classify_writes,
     cluster_name,
     create_apps,
     create_namespace,
     http_get,
+    pid_cpu_seconds,
     prom_text_value,
     step_jitter,
     step_writes,
@@ -39,6 +41,17 @@ class Env:
     prometheus: PrometheusServer
     exporter: MetricsExporter
     work: Path
+    pids: dict[str, int] = field(default_factory=dict)  # etcd, kube-apiserver, prometheus, bench
+    daemon_env: dict[str, str] = field(default_factory=dict)  # extra CANARYD_* for the scale daemons
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        cpu = pid_cpu_seconds(pid)
+        if cpu is not None:
+            out[name] = cpu
+    return out
 
 
 def _ns(prefix: str) -> str:
@@ -276,10 +289,16 @@ async def scale(
     n_steps = len(steps.split(",")) + 1  # + the promotion to 100
     q0 = prometheus_queries(env.prometheus)
     daemon = Daemon(
-        env.kubeconfig, ns, env.prometheus.url, env.work / f"canaryd-{ns}.log", profile_to=profile_to
+        env.kubeconfig,
+        ns,
+        env.prometheus.url,
+        env.work / f"canaryd-{ns}.log",
+        profile_to=profile_to,
+        env=env.daemon_env or None,
     )
     try:
         await daemon.wait_ready(timeout=120)
+        others0 = _cpu(env.pids)
         budget = interval_s * n_steps + 60 + routes * 0.05
 
         def done() -> bool:
@@ -295,6 +314,7 @@ async def scale(
         except TimeoutError:
             timed_out = True  # report what happened instead of losing the run
         usage = daemon.usage()
+        others1 = _cpu(env.pids)
         metrics = daemon.metrics()
     finally:
         daemon.stop(timeout=60)
@@ -305,12 +325,15 @@ async def scale(
 
     jitter: list[float] = []
     writes = moves = 0
+    by_cause = {"step": 0, "analysis_hold": 0, "other": 0}
     for n in names:
         runs = rec.history.get(n, [])
         jitter += step_jitter(runs)
         w, m = step_writes(runs)
         writes += w
         moves += m
+        for k, v in classify_writes(runs).items():
+            by_cause[k] += v
     patches = prom_text_value(metrics, "canaryd_route_patches_total")
     rounds = prom_text_value(metrics, "canaryd_analysis_total")
     queries = q1 - q0
@@ -328,10 +351,16 @@ async def scale(
         "route_patches_metric": patches,
         "step_transitions": moves,
         "writes_per_step_per_route": round(writes / moves, 3) if moves else None,
+        "writes_by_cause": by_cause,
+        "step_writes_per_step_per_route": round(by_cause["step"] / moves, 3) if moves else None,
         "expected_transitions": routes * n_steps,
         "analysis_judgements": rounds,
         "analysis_rounds_per_route": round(rounds_per_route, 2),
         "prometheus_queries": queries,
         "prometheus_queries_per_round": round(queries / rounds_per_route, 2) if rounds_per_route else None,
         "profile": str(profile_to) if profile_to else None,
+        "daemon_env": dict(env.daemon_env),
+        # CPU seconds the rest of the machine spent over the same span as the daemon's figures
+        # (the bench process includes the exporter rendering every cluster each scrape).
+        "other_cpu_seconds": {k: round(others1[k] - v, 2) for k, v in others0.items() if k in others1},
     }
