@@ -67,6 +67,10 @@ class PrometheusSettings(BaseModel):
     """How long the analyzer waits to coalesce concurrent analyses into one query per metric."""
     batch_max_targets: int = 2000
     """Most routes in one batched query (keeps the regex union, and the URL, bounded)."""
+    answer_ttl_s: float = 1.0
+    """Seconds a batched answer (envoy, dapr) is shared: a later batch with the same window whose
+    namespaces (envoy) or app-ids (dapr) it covers reuses it, in flight or answered, instead of
+    querying again. Capped at a tenth of the window; 0 = every batch queries."""
 
 
 class Settings(BaseSettings):

@@ -2,9 +2,13 @@
 
 The engine calls ``analyze(target)`` concurrently for every due route. Calls for a batched
 signal (envoy, dapr) that arrive within ``batch_window_s`` and share the window are coalesced:
-one query per metric for the whole batch (a regex union of their clusters / app-ids), and each
-route gets its slice. Prometheus load therefore grows with the number of distinct windows, not
-with the number of routes. Custom templates run per route.
+one query per metric for the whole batch (a coarse selector: the batch's namespaces for envoy,
+a union of app-ids for dapr), and each route gets its slice. The analyses of one round can
+arrive spread over seconds, far beyond the batch window, so answers are also *shared*: a batch
+whose (signal, window) matches an answer sent less than ``answer_ttl_s`` ago (at most a tenth of
+the window) and whose scope (namespaces / app-ids) that answer covers reuses it, in flight or
+done, instead of querying again. Prometheus load therefore grows with the number of distinct
+windows (and namespace sets), not with the number of routes. Custom templates run per route.
 
 Never raises for a measurement problem: any ``MetricsError`` (Prometheus down, refused value,
 bad template) becomes an Observation with ``error`` set, which the judge turns into ERROR.
@@ -24,7 +28,7 @@ from canaryd.analysis import AnalysisTarget, Judgement, Observation
 from canaryd.errors import MetricsError
 from canaryd.judge import judge
 from canaryd.metrics import custom
-from canaryd.metrics.base import BatchedSignal, batch_key
+from canaryd.metrics.base import BatchedSignal, batch_key, measure
 from canaryd.metrics.dapr import DaprSignal
 from canaryd.metrics.envoy import EnvoySignal
 from canaryd.metrics.prometheus import PrometheusClient
@@ -35,9 +39,29 @@ log = structlog.get_logger()
 
 @dataclass
 class _Batch:
-    signal: BatchedSignal[Any]
+    signal: BatchedSignal[Any, Any]
     window_s: float
     items: list[tuple[Any, asyncio.Future[Observation]]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Answer:
+    """A batched answer, shared for ``answer_ttl`` after it was sent."""
+
+    scope: frozenset[str]
+    future: asyncio.Future[Any]
+    sent_at: float  # monotonic; Prometheus evaluates the query at about this moment
+
+
+def _failed(fut: asyncio.Future[Any]) -> bool:
+    # A failed answer is not shared: the next batch asks again.
+    return fut.done() and (fut.cancelled() or fut.exception() is not None)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    # Mark the exception retrieved: the callers may all have gone (cancelled) meanwhile.
+    if not fut.cancelled():
+        fut.exception()
 
 
 class PrometheusAnalyzer:
@@ -50,13 +74,14 @@ class PrometheusAnalyzer:
         self.settings = settings
         self.client = client if client is not None else PrometheusClient(settings)
         self._owns_client = client is None
-        self._batched: dict[str, BatchedSignal[Any]] = {
+        self._batched: dict[str, BatchedSignal[Any, Any]] = {
             "envoy": EnvoySignal(settings),
             "dapr": DaprSignal(),
         }
         self._templates = custom.TemplateStore(settings.custom_templates_file)
         self._pending: dict[Hashable, _Batch] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._answers: dict[Hashable, list[_Answer]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def analyze(self, target: AnalysisTarget) -> list[Judgement]:
         observations = await asyncio.gather(*(self.observe(s, target) for s in target.spec.signals))
@@ -88,7 +113,7 @@ class PrometheusAnalyzer:
         if self._owns_client:
             self.client.close()
 
-    async def _submit(self, signal: BatchedSignal[Any], target: AnalysisTarget) -> Observation:
+    async def _submit(self, signal: BatchedSignal[Any, Any], target: AnalysisTarget) -> Observation:
         # Validate before joining: a refused value fails only its own route, not the batch.
         prepared = signal.prepare(target)
         window_s = target.spec.window_s
@@ -121,10 +146,45 @@ class PrometheusAnalyzer:
                 fut.cancel()
             raise
 
+    def answer_ttl(self, window_s: float) -> float:
+        """How long an answer for ``window_s`` may be shared (0 = not at all)."""
+        return max(0.0, min(self.settings.answer_ttl_s, window_s / 10))
+
+    async def _measure(self, signal: BatchedSignal[Any, Any], window_s: float, items: list[Any]) -> list[Observation]:
+        ttl = self.answer_ttl(window_s)
+        if ttl <= 0:
+            return await measure(signal, self.client, window_s, items)
+        scope = signal.scope(items)
+        key = batch_key(signal.name, window_s)
+        now = time.monotonic()
+        answers = self._answers.setdefault(key, [])
+        shared = next(
+            (a for a in answers if now - a.sent_at < ttl and scope <= a.scope and not _failed(a.future)),
+            None,
+        )
+        if shared is None:
+            task = asyncio.create_task(signal.fetch(self.client, window_s, scope), name=f"analysis-fetch-{signal.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(_retrieve)
+            shared = _Answer(scope, task, now)
+            answers.append(shared)
+            asyncio.get_running_loop().call_later(ttl, self._expire, key, shared)
+        # Shielded: one caller being cancelled must not cancel the answer the others wait for.
+        index = await asyncio.shield(shared.future)
+        return signal.match(index, items)
+
+    def _expire(self, key: Hashable, answer: _Answer) -> None:
+        answers = self._answers.get(key)
+        if answers is not None and answer in answers:
+            answers.remove(answer)
+            if not answers:
+                del self._answers[key]
+
     async def _run(self, batch: _Batch, chunk: Sequence[tuple[Any, asyncio.Future[Observation]]]) -> None:
         started = time.monotonic()
         try:
-            results = await batch.signal.measure(self.client, batch.window_s, [p for p, _ in chunk])
+            results = await self._measure(batch.signal, batch.window_s, [p for p, _ in chunk])
         except MetricsError as exc:
             results = [Observation(batch.signal.name, None, None, error=str(exc))] * len(chunk)
         except Exception as exc:  # a bug must not leave the callers waiting forever

@@ -10,21 +10,37 @@ from canaryd.analysis import AnalysisTarget, Observation
 from canaryd.metrics.prometheus import PrometheusClient
 
 P = TypeVar("P")
+I = TypeVar("I")  # noqa: E741 - the signal's compact answer ("index")
 
 
-class BatchedSignal(Protocol, Generic[P]):
+class BatchedSignal(Protocol, Generic[P, I]):
     """A signal whose queries can serve many routes at once.
 
     ``prepare`` validates one target (raising ``MetricsError`` before anything is queried) and
-    returns what ``measure`` needs; ``measure`` issues a fixed number of queries for the whole
-    batch and returns one ``Observation`` per prepared item, in order.
+    returns what the signal needs. A batch is measured in two halves so the analyzer can share
+    one answer between batches: ``scope`` names what the queries must cover for these items
+    (namespaces, app-ids or cluster patterns; an answer for a superset serves them too),
+    ``fetch`` issues a fixed number of queries for a scope and reduces the answers to a compact
+    index (in the worker threads), and ``match`` returns one ``Observation`` per item, in order,
+    from such an index.
     """
 
     name: str
 
     def prepare(self, target: AnalysisTarget) -> P: ...
 
-    async def measure(self, client: PrometheusClient, window_s: float, items: Sequence[P]) -> list[Observation]: ...
+    def scope(self, items: Sequence[P]) -> frozenset[str]: ...
+
+    async def fetch(self, client: PrometheusClient, window_s: float, scope: frozenset[str]) -> I: ...
+
+    def match(self, index: I, items: Sequence[P]) -> list[Observation]: ...
+
+
+async def measure(
+    signal: BatchedSignal[P, I], client: PrometheusClient, window_s: float, items: Sequence[P]
+) -> list[Observation]:
+    """One batch without sharing: fetch its scope, match its items."""
+    return signal.match(await signal.fetch(client, window_s, signal.scope(items)), items)
 
 
 def batch_key(signal: str, window_s: float) -> Hashable:

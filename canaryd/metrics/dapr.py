@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from canaryd.analysis import AnalysisTarget, BackendStats, Observation
@@ -41,10 +40,40 @@ class DaprTarget:
     quantile: float
 
 
+Pairs = Iterator[tuple[Mapping[str, str], float]]
+
+
 @dataclass
-class _Acc:
-    sent: float = 0.0
-    ok: float = 0.0
+class DaprIndex:
+    """The three dapr answers reduced, per callee app-id then per caller app-id."""
+
+    sent: dict[str, dict[str, float]]  # callee -> caller -> requests sent
+    ok: dict[str, dict[str, float]]  # callee -> caller -> successful responses
+    buckets: dict[str, dict[str, dict[float, float]]]  # callee -> caller -> {le: rate}
+
+
+def _reduce_counts(callee_label: str, success_only: bool) -> Callable[[Pairs], dict[str, dict[str, float]]]:
+    def reduce(pairs: Pairs) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for labels, value in pairs:
+            if success_only and not _SUCCESS.fullmatch(labels.get("status", "")):
+                continue
+            by_caller = out.setdefault(labels.get(callee_label, ""), {})
+            caller = labels.get("app_id", "")
+            by_caller[caller] = by_caller.get(caller, 0.0) + value
+        return out
+
+    return reduce
+
+
+def _reduce_buckets(pairs: Pairs) -> dict[str, dict[str, dict[float, float]]]:
+    out: dict[str, dict[str, dict[float, float]]] = {}
+    for labels, value in pairs:
+        le = parse_le(labels.get("le", ""))
+        if le is not None and math.isfinite(value):
+            b = out.setdefault(labels.get("src_app_id", ""), {}).setdefault(labels.get("app_id", ""), {})
+            b[le] = b.get(le, 0.0) + value
+    return out
 
 
 class DaprSignal:
@@ -64,43 +93,50 @@ class DaprSignal:
             quantile=spec.latency_quantile,
         )
 
+    def scope(self, items: Sequence[DaprTarget]) -> frozenset[str]:
+        """The callee app-ids of the batch (an answer for more app-ids serves it too)."""
+        return frozenset(a for t in items for a in (t.canary, t.stable) if a)
+
+    async def fetch(self, client: PrometheusClient, window_s: float, scope: frozenset[str]) -> DaprIndex:
+        union = promql.string_literal(promql.regex_union(promql.regex_escape(a) for a in sorted(scope)))
+        w = promql.duration(window_s)
+        # Grouped by caller too, so routes with and without caller-app-id share the queries.
+        sent, ok, buckets = await asyncio.gather(
+            client.query_reduce(
+                f"sum by (app_id, dst_app_id) (increase({SENT}{{dst_app_id=~{union}}}[{w}]))",
+                _reduce_counts("dst_app_id", success_only=False),
+            ),
+            client.query_reduce(
+                f"sum by (app_id, src_app_id, status) (increase({RECEIVED}{{src_app_id=~{union}}}[{w}]))",
+                _reduce_counts("src_app_id", success_only=True),
+            ),
+            client.query_reduce(
+                f"sum by (app_id, src_app_id, le) (rate({LATENCY_BUCKET}{{src_app_id=~{union}}}[{w}]))",
+                _reduce_buckets,
+            ),
+        )
+        return DaprIndex(sent, ok, buckets)
+
     async def measure(
         self, client: PrometheusClient, window_s: float, items: Sequence[DaprTarget]
     ) -> list[Observation]:
-        ids = sorted({a for t in items for a in (t.canary, t.stable) if a})
-        union = promql.string_literal(promql.regex_union(promql.regex_escape(a) for a in ids))
-        w = promql.duration(window_s)
-        # Grouped by caller too, so routes with and without caller-app-id share the queries.
-        queries = (
-            f"sum by (app_id, dst_app_id) (increase({SENT}{{dst_app_id=~{union}}}[{w}]))",
-            f"sum by (app_id, src_app_id, status) (increase({RECEIVED}{{src_app_id=~{union}}}[{w}]))",
-            f"sum by (app_id, src_app_id, le) (rate({LATENCY_BUCKET}{{src_app_id=~{union}}}[{w}]))",
-        )
-        sent, received, latency = await asyncio.gather(*(client.query(q) for q in queries))
+        """One batch on its own (no sharing)."""
+        return self.match(await self.fetch(client, window_s, self.scope(items)), items)
 
-        acc: dict[tuple[str, str], _Acc] = defaultdict(_Acc)  # (caller, callee)
-        for s in sent:
-            acc[(s.labels.get("app_id", ""), s.labels.get("dst_app_id", ""))].sent += s.value
-        for s in received:
-            if _SUCCESS.fullmatch(s.labels.get("status", "")):
-                acc[(s.labels.get("app_id", ""), s.labels.get("src_app_id", ""))].ok += s.value
-        buckets: dict[tuple[str, str], dict[float, float]] = defaultdict(lambda: defaultdict(float))
-        for s in latency:
-            le = parse_le(s.labels.get("le", ""))
-            if le is not None and math.isfinite(s.value):
-                buckets[(s.labels.get("app_id", ""), s.labels.get("src_app_id", ""))][le] += s.value
-
+    def match(self, index: DaprIndex, items: Sequence[DaprTarget]) -> list[Observation]:
         def stats(callee: str, caller: str | None, quantile: float) -> BackendStats:
-            sent_n = ok_n = 0.0
-            merged: dict[float, float] = defaultdict(float)
-            for (src, dst), a in acc.items():
-                if dst == callee and (caller is None or src == caller):
-                    sent_n += a.sent
-                    ok_n += a.ok
-            for (src, dst), b in buckets.items():
-                if dst == callee and (caller is None or src == caller):
+            def pick(by_caller: dict[str, float]) -> float:
+                if caller is None:
+                    return sum(by_caller.values())
+                return by_caller.get(caller, 0.0)
+
+            sent_n = pick(index.sent.get(callee, {}))
+            ok_n = pick(index.ok.get(callee, {}))
+            merged: dict[float, float] = {}
+            for src, b in index.buckets.get(callee, {}).items():
+                if caller is None or src == caller:
                     for le, v in b.items():
-                        merged[le] += v
+                        merged[le] = merged.get(le, 0.0) + v
             # In-flight requests at the window edges can make ok > sent by a little.
             errors = max(sent_n - ok_n, 0.0)
             return BackendStats(sent_n, errors, histogram_quantile(quantile, merged))

@@ -4,6 +4,12 @@ Series (Envoy cluster stats, Prometheus format, summed across cilium-envoy pods)
 ``envoy_cluster_upstream_rq{envoy_cluster_name, envoy_response_code}`` (counter) and
 ``envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name, le}`` (milliseconds).
 A backend's clusters are found with ``PrometheusSettings.envoy_cluster_pattern``.
+
+A batch is answered by two queries whose selector depends only on the batch's namespaces
+(``scope``), so one answer can serve every batch of a round (see ``PrometheusAnalyzer``). The
+answers are reduced in the worker thread to per-cluster totals and buckets (``EnvoyIndex``);
+routes are then matched through a token index of the cluster names, each backend pattern
+compiled once and kept on the signal.
 """
 
 from __future__ import annotations
@@ -11,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from canaryd.analysis import AnalysisTarget, BackendStats, Observation
 from canaryd.errors import MetricsError
@@ -26,6 +31,16 @@ REQUESTS = "envoy_cluster_upstream_rq"
 LATENCY_BUCKET = "envoy_cluster_upstream_rq_time_bucket"
 CODE_LABEL = "envoy_response_code"
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Backend names are DNS labels: a cluster name splits into candidate backend names at any
+# other character.
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+# What may stand right before / after ``{service}`` in the pattern so that the backend is a
+# whole DNS-label run of every matching cluster name: the pattern's edge, an anchor, a literal
+# non-DNS character, an escaped one, or a plain class of such characters (e.g. ``[:_/]``).
+_EDGE = r"(?:[/:_@,;=!~%&#<>'\x22 ]|\\[./|@:_#&~%=,;!<>]|\[[^\]\\a-z0-9^-]+\])"
+_BOUNDED_BEFORE = re.compile(rf"(?:^|\^|{_EDGE})\{{service\}}")
+_BOUNDED_AFTER = re.compile(rf"\{{service\}}(?=$|\$|{_EDGE}(?![?*]|\{{\d))")  # not optional
+_COMPILED_MAX = 8192
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,68 @@ def cluster_pattern(template: str, *, namespace: str, service: str, port: int, p
     return out
 
 
+@dataclass
+class EnvoyIndex:
+    """One answer of both envoy queries, reduced: what ``match`` needs and nothing else."""
+
+    totals: dict[str, list[float]]  # cluster name -> [requests, 5xx]
+    buckets: dict[str, dict[float, float]]  # cluster name -> {le: rate}
+    names: list[str] = field(default_factory=list)
+    by_run: dict[str, list[str]] = field(default_factory=dict)  # DNS-label run -> cluster names
+
+    def __post_init__(self) -> None:
+        self.names = list(dict.fromkeys([*self.totals, *self.buckets]))
+        by_run: dict[str, list[str]] = {}
+        for name in self.names:
+            for run in set(_NOT_DNS.split(name)):
+                if run:
+                    by_run.setdefault(run, []).append(name)
+        self.by_run = by_run
+
+
+def pattern_bounds_service(template: str) -> bool:
+    """True when every ``{service}`` in ``template`` is delimited by non-DNS characters, so a
+    cluster name matching the filled pattern holds the backend as a whole ``[a-z0-9-]`` run
+    (and the run index finds every candidate). Conservative: anything unusual is False."""
+    n = template.count("{service}")
+    return n > 0 and len(_BOUNDED_BEFORE.findall(template)) == n and len(_BOUNDED_AFTER.findall(template)) == n
+
+
+Pairs = Iterator[tuple[Mapping[str, str], float]]
+
+
+def _reduce_requests(label: str) -> Callable[[Pairs], dict[str, list[float]]]:
+    def reduce(pairs: Pairs) -> dict[str, list[float]]:
+        totals: dict[str, list[float]] = {}
+        for labels, value in pairs:
+            name = labels.get(label, "")
+            acc = totals.get(name)
+            if acc is None:
+                acc = totals[name] = [0.0, 0.0]
+            acc[0] += value
+            if str(labels.get(CODE_LABEL, "")).startswith("5"):
+                acc[1] += value
+        return totals
+
+    return reduce
+
+
+def _reduce_buckets(label: str) -> Callable[[Pairs], dict[str, dict[float, float]]]:
+    def reduce(pairs: Pairs) -> dict[str, dict[float, float]]:
+        buckets: dict[str, dict[float, float]] = {}
+        for labels, value in pairs:
+            le = parse_le(labels.get("le", ""))
+            if le is not None and math.isfinite(value):
+                name = labels.get(label, "")
+                b = buckets.get(name)
+                if b is None:
+                    b = buckets[name] = {}
+                b[le] = b.get(le, 0.0) + value
+        return buckets
+
+    return reduce
+
+
 class EnvoySignal:
     name = "envoy"
 
@@ -62,6 +139,9 @@ class EnvoySignal:
         self._template = settings.envoy_cluster_pattern
         self._label = settings.envoy_cluster_label
         self._named = "{service}" in self._template  # cluster names then hold the backend name
+        self._indexed = pattern_bounds_service(self._template)  # ... as a whole DNS-label run
+        self._by_namespace = "{namespace}" in self._template
+        self._compiled: dict[str, re.Pattern[str]] = {}
         try:
             re.compile(cluster_pattern(self._template, namespace="a", service="b", port=1, parent="c"))
         except re.error as exc:
@@ -86,56 +166,82 @@ class EnvoySignal:
             canary_name=target.canary,
         )
 
-    def _selector(self, items: Sequence[EnvoyTarget]) -> str:
-        """A coarse matcher: the batch's namespaces when the pattern names them, else every pattern.
+    def scope(self, items: Sequence[EnvoyTarget]) -> frozenset[str]:
+        """The batch's namespaces when the pattern names them, else every backend pattern."""
+        if self._by_namespace:
+            return frozenset(t.namespace for t in items)
+        return frozenset(p for t in items for p in (t.stable, t.canary))
+
+    def _selector(self, scope: frozenset[str]) -> str:
+        """A coarse matcher: a few namespace substrings, else the union of the patterns.
 
         A union of hundreds of ``.*``-led patterns costs Prometheus seconds per query; a few
-        namespace substrings cost milliseconds. Each route's exact pattern is applied here.
+        namespace substrings cost milliseconds. Each route's exact pattern is applied in ``match``.
         """
-        if "{namespace}" in self._template:
-            namespaces = sorted({t.namespace for t in items})
-            union = ".*(?:" + "|".join(promql.regex_escape(ns) for ns in namespaces) + ").*"
+        if self._by_namespace:
+            union = ".*(?:" + "|".join(promql.regex_escape(ns) for ns in sorted(scope)) + ").*"
         else:
-            union = promql.regex_union(p for t in items for p in (t.stable, t.canary))
+            union = promql.regex_union(sorted(scope))
         return f"{self._label}=~{promql.string_literal(union)}"
+
+    async def fetch(self, client: PrometheusClient, window_s: float, scope: frozenset[str]) -> EnvoyIndex:
+        selector = self._selector(scope)
+        w = promql.duration(window_s)
+        q_requests = f"sum by ({self._label}, {CODE_LABEL}) (increase({REQUESTS}{{{selector}}}[{w}]))"
+        q_latency = f"sum by ({self._label}, le) (rate({LATENCY_BUCKET}{{{selector}}}[{w}]))"
+        totals, buckets = await asyncio.gather(
+            client.query_reduce(q_requests, _reduce_requests(self._label)),
+            client.query_reduce(q_latency, _reduce_buckets(self._label)),
+        )
+        return EnvoyIndex(totals, buckets)
 
     async def measure(
         self, client: PrometheusClient, window_s: float, items: Sequence[EnvoyTarget]
     ) -> list[Observation]:
-        selector = self._selector(items)
-        w = promql.duration(window_s)
-        q_requests = f"sum by ({self._label}, {CODE_LABEL}) (increase({REQUESTS}{{{selector}}}[{w}]))"
-        q_latency = f"sum by ({self._label}, le) (rate({LATENCY_BUCKET}{{{selector}}}[{w}]))"
-        requests, latency = await asyncio.gather(client.query(q_requests), client.query(q_latency))
+        """One batch on its own (no sharing)."""
+        return self.match(await self.fetch(client, window_s, self.scope(items)), items)
 
-        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        for s in requests:
-            name = s.labels.get(self._label, "")
-            totals[name][0] += s.value
-            if s.labels.get(CODE_LABEL, "").startswith("5"):
-                totals[name][1] += s.value
-        buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
-        for s in latency:
-            le = parse_le(s.labels.get("le", ""))
-            if le is not None and math.isfinite(s.value):
-                buckets[s.labels.get(self._label, "")][le] += s.value
+    def _compile(self, pattern: str) -> re.Pattern[str]:
+        rx = self._compiled.get(pattern)
+        if rx is None:
+            if len(self._compiled) >= _COMPILED_MAX:
+                del self._compiled[next(iter(self._compiled))]  # oldest first
+            rx = self._compiled[pattern] = re.compile(pattern)
+        return rx
 
-        names = set(totals) | set(buckets)
-        cache: dict[str, BackendStats] = {}
+    def _candidates(self, index: EnvoyIndex, literal: str) -> list[str]:
+        if self._indexed and literal:
+            return index.by_run.get(literal, [])
+        if literal:
+            return [n for n in index.names if literal in n]
+        return index.names
+
+    def match(self, index: EnvoyIndex, items: Sequence[EnvoyTarget]) -> list[Observation]:
+        cache: dict[tuple[float, str], BackendStats] = {}
+        empty: dict[float, float] = {}
 
         def stats(pattern: str, literal: str, quantile: float) -> BackendStats:
-            key = f"{quantile}\0{pattern}"
-            if key not in cache:
-                rx = re.compile(pattern)
-                matched = [n for n in names if literal in n and rx.fullmatch(n)]
-                req = sum(totals[n][0] for n in matched if n in totals)
-                err = sum(totals[n][1] for n in matched if n in totals)
-                merged: dict[float, float] = defaultdict(float)
+            key = (quantile, pattern)
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
+            fullmatch = self._compile(pattern).fullmatch
+            matched = [n for n in self._candidates(index, literal) if fullmatch(n)]
+            req = err = 0.0
+            for n in matched:
+                t = index.totals.get(n)
+                if t is not None:
+                    req += t[0]
+                    err += t[1]
+            if len(matched) == 1:
+                merged = index.buckets.get(matched[0], empty)
+            else:
+                merged = {}
                 for n in matched:
-                    for le, v in buckets.get(n, {}).items():
-                        merged[le] += v
-                cache[key] = BackendStats(req, err, histogram_quantile(quantile, merged))
-            return cache[key]
+                    for le, v in index.buckets.get(n, empty).items():
+                        merged[le] = merged.get(le, 0.0) + v
+            out = cache[key] = BackendStats(req, err, histogram_quantile(quantile, merged))
+            return out
 
         return [
             Observation(

@@ -1,8 +1,12 @@
 """The one place that talks HTTP to Prometheus.
 
 prometheus-api-client is synchronous (requests), so each query runs in a bounded thread pool
-(``max_concurrency``) under an asyncio timeout. Every failure becomes ``MetricsError`` with a
-message naming Prometheus and its URL; callers turn it into an ERROR observation.
+(``max_concurrency``) under an asyncio timeout. The answer is parsed in that worker thread too,
+never on the event loop: ``query`` returns ``Sample``s, ``query_reduce`` hands the raw
+``(labels, value)`` pairs to a reducer so a big answer (tens of thousands of histogram buckets)
+becomes a compact structure without one object per sample. Every failure becomes
+``MetricsError`` with a message naming Prometheus and its URL; callers turn it into an ERROR
+observation.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import asyncio
 import math
 import os
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 import structlog
@@ -25,6 +30,10 @@ from canaryd.errors import MetricsError
 from canaryd.settings import PrometheusSettings
 
 log = structlog.get_logger()
+
+R = TypeVar("R")
+Reducer = Callable[[Iterator[tuple[Mapping[str, str], float]]], R]
+"""Consumes an answer's ``(labels, value)`` pairs (NaN skipped) in the worker thread."""
 
 
 @dataclass(frozen=True)
@@ -70,15 +79,23 @@ class PrometheusClient:
 
     async def query(self, promql: str) -> list[Sample]:
         """Run an instant query; raise ``MetricsError`` on any failure."""
+        return await self.query_reduce(promql, _samples)
+
+    async def query_reduce(self, promql: str, reduce: Reducer[R]) -> R:
+        """Run an instant query and ``reduce`` its samples in the worker thread.
+
+        ``reduce`` gets the answer's label mappings as decoded (read-only: do not keep or
+        mutate them) and must not touch event-loop state. ``MetricsError`` on any failure.
+        """
         # Queue here, not in the pool: the timeout must measure Prometheus, not our own backlog.
         async with self._gate:
-            return await self._query(promql)
+            return await self._query(promql, reduce)
 
-    async def _query(self, promql: str) -> list[Sample]:
+    async def _query(self, promql: str, reduce: Reducer[R]) -> R:
         with self._lock:
             self.queries_issued += 1
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._pool, self._query_sync, promql)
+        fut = loop.run_in_executor(self._pool, self._query_sync, promql, reduce)
         try:
             raw = await asyncio.wait_for(fut, timeout=self.settings.timeout_s)
         except TimeoutError:
@@ -87,18 +104,19 @@ class PrometheusClient:
             raise
         except Exception as exc:  # requests / API client errors of every kind
             raise MetricsError(f"Prometheus at {self.url} query failed: {_short(exc)}") from exc
-        return _parse(raw, self.url)
+        return raw
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._prom.close()
 
-    def _query_sync(self, promql: str) -> Any:
+    def _query_sync(self, promql: str, reduce: Reducer[R]) -> R:
         token = self._bearer_token()
         if token:
             # The API client passes self.headers on each request; replacing the dict is atomic.
             self._prom.headers = {**self.settings.headers, "Authorization": f"Bearer {token}"}
-        return self._prom.custom_query(promql, params={"timeout": f"{self.settings.timeout_s:g}s"})
+        raw = self._prom.custom_query(promql, params={"timeout": f"{self.settings.timeout_s:g}s"})
+        return reduce(iter_samples(raw, self.url))
 
     def _bearer_token(self) -> str | None:
         if self.settings.bearer_token_file:
@@ -120,20 +138,29 @@ def _read_secret(path: str | None) -> str:
         raise MetricsError(f"cannot read Prometheus password file {path}: {exc}") from exc
 
 
-def _parse(raw: Any, url: str) -> list[Sample]:
+def iter_samples(raw: Any, url: str) -> Iterator[tuple[Mapping[str, str], float]]:
+    """Validate an instant-vector answer lazily: ``(labels, value)`` per sample, NaN skipped."""
     if not isinstance(raw, list):
         raise MetricsError(f"Prometheus at {url} answered with an unexpected result type")
-    out: list[Sample] = []
     for item in raw:
         try:
-            labels = {str(k): str(v) for k, v in item["metric"].items()}
+            labels = item["metric"]
+            if not isinstance(labels, dict):
+                raise TypeError("metric is not an object")
             value = float(item["value"][1])  # "NaN", "+Inf" parse as floats
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise MetricsError(f"Prometheus at {url} answered with a malformed sample: {item!r}") from exc
         if math.isnan(value):
             continue  # 0/0 inside the query: no information, not zero
-        out.append(Sample(labels, value))
-    return out
+        yield labels, value
+
+
+def _samples(pairs: Iterator[tuple[Mapping[str, str], float]]) -> list[Sample]:
+    return [Sample({str(k): str(v) for k, v in labels.items()}, value) for labels, value in pairs]
+
+
+def _parse(raw: Any, url: str) -> list[Sample]:
+    return _samples(iter_samples(raw, url))
 
 
 def _short(exc: BaseException) -> str:

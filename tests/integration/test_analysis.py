@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from canaryd.analysis import AnalysisTarget, Verdict
+from canaryd.analysis import AnalysisTarget, Judgement, Verdict
 from canaryd.devstack.exporter import MetricsExporter
 from canaryd.devstack.prometheus import PrometheusServer
 from canaryd.errors import MetricsError
@@ -212,6 +212,7 @@ async def test_batched_query_count_is_constant(
     single = client.queries_issued
     assert single == 2  # requests by code + latency buckets
 
+    await asyncio.sleep(analyzer.answer_ttl(WINDOW_S))  # let that answer expire: no sharing below
     client.queries_issued = 0
     results = await asyncio.gather(*(analyzer.analyze(t) for t in targets))
     assert client.queries_issued == single
@@ -222,6 +223,7 @@ async def test_batched_query_count_is_constant(
     assert all(r[0].canary is not None and r[0].canary.requests < 60 * WINDOW_S * 1.5 for r in results)
 
     # Routes with a different window form their own batch (one more query pair).
+    await asyncio.sleep(analyzer.answer_ttl(WINDOW_S))
     client.queries_issued = 0
     other = [replace(t, spec=replace(t.spec, window_s=WINDOW_S - 2)) for t in targets[:5]]
     await asyncio.gather(*(analyzer.analyze(t) for t in [*targets[:5], *other]))
@@ -234,13 +236,87 @@ async def test_batches_are_chunked(prometheus: PrometheusServer, exporter: Metri
         exporter.set_backend(cluster(ns, f"s{i}", f"s{i}-a"), rps=60)
         exporter.set_backend(cluster(ns, f"s{i}", f"s{i}-b"), rps=60)
     await wait_for_full_window(prometheus, ns, 10)
-    a = PrometheusAnalyzer(PrometheusSettings(url=prometheus.url, batch_max_targets=2))
+    targets = [target(ns, f"s{i}", f"s{i}-a", f"s{i}-b") for i in range(5)]
+    # Without answer sharing each chunk queries on its own.
+    a = PrometheusAnalyzer(PrometheusSettings(url=prometheus.url, batch_max_targets=2, answer_ttl_s=0))
     try:
-        results = await asyncio.gather(*(a.analyze(target(ns, f"s{i}", f"s{i}-a", f"s{i}-b")) for i in range(5)))
+        results = await asyncio.gather(*(a.analyze(t) for t in targets))
         assert a.client.queries_issued == 2 * 3
         assert all(r[0].verdict is Verdict.PASS for r in results), results
     finally:
         await a.aclose()
+    # With it (the default), the chunks of one namespace share one answer.
+    a = PrometheusAnalyzer(PrometheusSettings(url=prometheus.url, batch_max_targets=2))
+    try:
+        results = await asyncio.gather(*(a.analyze(t) for t in targets))
+        assert a.client.queries_issued == 2
+        assert all(r[0].verdict is Verdict.PASS for r in results), results
+    finally:
+        await a.aclose()
+
+
+async def test_answer_is_shared_across_batches_of_a_round(
+    prometheus: PrometheusServer, exporter: MetricsExporter, analyzer: PrometheusAnalyzer
+) -> None:
+    """Analyses of one round arrive spread over far more than the batch window: batches of the
+    same window and namespace reuse one answer for ``answer_ttl``; other namespaces, other
+    windows and an expired answer query again, and every route still gets its own numbers."""
+    ns, other_ns = new_namespace(), new_namespace()
+    routes = 30
+    for space in (ns, other_ns):
+        for i in range(routes):
+            bad = 0.2 if (space, i) in ((ns, 3), (other_ns, 11)) else 0.0
+            exporter.set_backend(cluster(space, f"svc{i}", f"svc{i}-v1"), rps=60)
+            exporter.set_backend(cluster(space, f"svc{i}", f"svc{i}-v2"), rps=60, error_ratio=bad)
+    await wait_for_full_window(prometheus, ns, 2 * routes)
+    await wait_for_full_window(prometheus, other_ns, 2 * routes)
+    ttl = analyzer.answer_ttl(WINDOW_S)
+    assert ttl == min(analyzer.settings.answer_ttl_s, WINDOW_S / 10) > 0
+    gap = analyzer.settings.batch_window_s * 3  # well apart: separate batches
+    assert 3 * gap < ttl
+
+    def targets(space: str, which: range) -> list[AnalysisTarget]:
+        return [target(space, f"svc{i}", f"svc{i}-v1", f"svc{i}-v2") for i in which]
+
+    async def burst(ts: list[AnalysisTarget], delay: float) -> list[list[Judgement]]:
+        await asyncio.sleep(delay)
+        return list(await asyncio.gather(*(analyzer.analyze(t) for t in ts)))
+
+    client = analyzer.client
+    client.queries_issued = 0
+    # Three bursts of the same namespace: one answer (the first still in flight or just done).
+    bursts = await asyncio.gather(
+        burst(targets(ns, range(0, 10)), 0),
+        burst(targets(ns, range(10, 20)), gap),
+        burst(targets(ns, range(20, 30)), 2 * gap),
+    )
+    assert client.queries_issued == 2
+    results = [r for b in bursts for r in b]
+    verdicts = [r[0].verdict for r in results]
+    assert verdicts[3] is Verdict.FAIL and all(v is Verdict.PASS for i, v in enumerate(verdicts) if i != 3), verdicts
+
+    # Another namespace is not covered by that answer: its own query pair, its own numbers.
+    client.queries_issued = 0
+    (other,) = await asyncio.gather(burst(targets(other_ns, range(routes)), 0))
+    assert client.queries_issued == 2
+    verdicts = [r[0].verdict for r in other]
+    assert verdicts[11] is Verdict.FAIL and all(v is Verdict.PASS for i, v in enumerate(verdicts) if i != 11), verdicts
+
+    # A batch of both namespaces is covered by neither answer; once asked, it covers both.
+    client.queries_issued = 0
+    mixed = targets(ns, range(2, 5)) + targets(other_ns, range(10, 13))
+    await asyncio.gather(*(analyzer.analyze(t) for t in mixed))
+    await asyncio.gather(*(analyzer.analyze(t) for t in targets(other_ns, range(5))))
+    assert client.queries_issued == 2
+
+    # Another window is another answer; after the TTL the same batch asks again.
+    client.queries_issued = 0
+    await analyzer.analyze(replace(targets(ns, range(1))[0], spec=replace(SPEC, window_s=WINDOW_S - 2)))
+    assert client.queries_issued == 2
+    await asyncio.sleep(ttl)
+    client.queries_issued = 0
+    (j,) = await analyzer.analyze(targets(ns, range(3, 4))[0])
+    assert client.queries_issued == 2 and j.verdict is Verdict.FAIL, j.reason
 
 
 async def test_dapr_compares_app_ids_and_guards_whole_service(

@@ -1,4 +1,6 @@
-"""Escaping and validation of values placed in PromQL; template parsing; histogram maths."""
+"""Escaping and validation of values placed in PromQL; template parsing; histogram maths;
+envoy matching by index. Answer sharing is tested against the real Prometheus in
+tests/integration/test_analysis.py."""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from canaryd.analysis import AnalysisTarget, BackendStats
 from canaryd.errors import MetricsError
 from canaryd.metrics import promql
 from canaryd.metrics.base import histogram_quantile
 from canaryd.metrics.custom import parse_templates
-from canaryd.metrics.envoy import cluster_pattern
+from canaryd.metrics.envoy import EnvoyIndex, EnvoySignal, cluster_pattern, pattern_bounds_service
+from canaryd.metrics.prometheus import iter_samples
 from canaryd.settings import PrometheusSettings
+from canaryd.spec import AnalysisSpec
 
 
 @pytest.mark.parametrize(
@@ -114,3 +119,117 @@ def test_histogram_quantile() -> None:
     assert histogram_quantile(0.5, {10.0: 10.0, inf: 10.0}) == pytest.approx(5.0)
     # Beyond the last finite bucket: its upper bound.
     assert histogram_quantile(0.99, {10.0: 0.0, inf: 10.0}) == 10.0
+
+
+# --- envoy matching by index (pure) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("template", "bounded"),
+    [
+        (PrometheusSettings().envoy_cluster_pattern, True),
+        ("{namespace}/{parent}/{namespace}_{service}_{port}", True),
+        (r"outbound\|{port}\|\|{service}\.{namespace}\.svc\.cluster\.local", True),
+        ("^{service}$", True),
+        ("{service}[:_]+{port}", True),
+        (".*{service}_{port}", False),  # the run may start earlier
+        ("{namespace}-{service}_{port}", False),
+        (r"{namespace}_{service}\-{port}", False),
+        ("{namespace}_{service}_?{port}", False),  # the separator is optional
+        ("{namespace}_{service}[:_]*{port}", False),
+        ("{namespace}_(?:x|{service})_{port}", False),
+        ("{namespace}_[^a]{service}_{port}", False),
+        (".*{namespace}.*", False),  # no {service}: every name is a candidate
+    ],
+)
+def test_pattern_bounds_service(template: str, bounded: bool) -> None:
+    assert pattern_bounds_service(template) is bounded
+
+
+def _names(namespaces: list[str], n: int) -> list[str]:
+    out = []
+    for ns in namespaces:
+        for i in range(n):
+            for backend in (f"svc{i}-v1", f"svc{i}-v2", f"svc{i}-v1-old", f"x-svc{i}-v1"):
+                sep = ":" if i % 2 else "_"
+                out.append(f"{ns}/svc{i}/{ns}{sep}{backend}{sep}80")
+                out.append(f"{ns}/svc{i}/{ns}{sep}{backend}{sep}8080")
+            out.append(f"outbound|80||svc{i}-v1.{ns}.svc.cluster.local")
+    return out
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        PrometheusSettings().envoy_cluster_pattern,
+        ".*{service}[:_]{port}",  # not bounded: substring pre-filter
+        r"outbound\|{port}\|\|{service}\.{namespace}\.svc\.cluster\.local",
+        ".*/{parent}/.*",  # no {service}: scan every name
+    ],
+)
+def test_envoy_match_by_index_equals_brute_force(template: str) -> None:
+    signal = EnvoySignal(PrometheusSettings(envoy_cluster_pattern=template))
+    names = _names(["prod", "prod-eu", "svc1"], 12)
+    totals = {n: [float(i + 1), float(i % 3)] for i, n in enumerate(names)}
+    buckets = {n: {10.0: float(i), math.inf: float(i + 1)} for i, n in enumerate(names)}
+    index = EnvoyIndex(totals, buckets)
+    targets = [
+        AnalysisTarget(
+            namespace=ns,
+            route=f"svc{i}",
+            service=f"svc{i}",
+            port=80,
+            stable=f"svc{i}-v1",
+            canary=f"svc{i}-v2",
+            spec=SPEC,
+        )
+        for ns in ("prod", "prod-eu", "svc1", "absent")
+        for i in range(14)
+    ]
+    items = [signal.prepare(t) for t in targets]
+    got = signal.match(index, items)
+
+    def brute(pattern: str) -> BackendStats:
+        matched = [n for n in names if re.fullmatch(pattern, n)]
+        merged: dict[float, float] = {}
+        for n in matched:
+            for le, v in buckets[n].items():
+                merged[le] = merged.get(le, 0.0) + v
+        return BackendStats(
+            sum(totals[n][0] for n in matched),
+            sum(totals[n][1] for n in matched),
+            histogram_quantile(0.99, merged),
+        )
+
+    assert sum(bool(o.stable and o.stable.requests > 0) for o in got) >= 12  # the test matches something
+    for item, obs in zip(items, got, strict=True):
+        assert obs.canary == brute(item.canary)
+        assert obs.stable == brute(item.stable)
+
+
+SPEC = AnalysisSpec(
+    signals=("envoy",),
+    window_s=10.0,
+    success_rate_min=99.0,
+    latency_max_ms=None,
+    latency_quantile=0.99,
+    min_requests=1,
+    max_inconclusive=5,
+    on_inconclusive="pause",
+    confidence=0.99,
+    tolerance_pct=0.5,
+    failure_threshold=2,
+    max_errors=3,
+    app_id=None,
+    stable_app_id=None,
+    caller_app_id=None,
+)
+
+
+def test_malformed_answers_are_refused() -> None:
+    with pytest.raises(MetricsError, match="unexpected result type"):
+        list(iter_samples({"x": 1}, "http://p"))
+    for bad in ({"value": [0, "1"]}, {"metric": [], "value": [0, "1"]}, {"metric": {}, "value": [0, "x"]}):
+        with pytest.raises(MetricsError, match="malformed sample"):
+            list(iter_samples([bad], "http://p"))
+    assert list(iter_samples([{"metric": {"a": "b"}, "value": [0, "NaN"]}], "http://p")) == []
