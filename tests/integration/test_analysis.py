@@ -18,28 +18,12 @@ from canaryd.errors import MetricsError
 from canaryd.metrics import PrometheusAnalyzer
 from canaryd.metrics.envoy import EnvoySignal
 from canaryd.settings import PrometheusSettings
-from canaryd.spec import AnalysisSpec
+from tests.specs import analysis_spec
 
 pytestmark = pytest.mark.integration
 
 WINDOW_S = 8.0
-SPEC = AnalysisSpec(
-    signals=("envoy",),
-    window_s=WINDOW_S,
-    success_rate_min=99.0,
-    latency_max_ms=None,
-    latency_quantile=0.99,
-    min_requests=50,
-    max_inconclusive=5,
-    on_inconclusive="pause",
-    confidence=0.99,
-    tolerance_pct=0.5,
-    failure_threshold=2,
-    max_errors=3,
-    app_id=None,
-    stable_app_id=None,
-    caller_app_id=None,
-)
+SPEC = analysis_spec(window_s=WINDOW_S)
 
 
 def new_namespace() -> str:

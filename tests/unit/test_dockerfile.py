@@ -174,7 +174,7 @@ def test_oci_labels(final: Stage) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     default_version = next(a.partition("=")[2] for a in final.args("ARG") if a.startswith("VERSION="))
     assert default_version == project["version"] == canaryd.__version__
-    assert labels["org.opencontainers.image.licenses"] == project["license"]["text"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
 
 
 # --- .dockerignore ------------------------------------------------------------------------

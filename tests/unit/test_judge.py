@@ -11,24 +11,9 @@ from hypothesis import strategies as st
 from canaryd.analysis import BackendStats, Judgement, Observation, Verdict
 from canaryd.judge import combine, judge
 from canaryd.spec import AnalysisSpec
+from tests.specs import analysis_spec
 
-SPEC = AnalysisSpec(
-    signals=("envoy",),
-    window_s=60.0,
-    success_rate_min=99.0,
-    latency_max_ms=None,
-    latency_quantile=0.99,
-    min_requests=50,
-    max_inconclusive=5,
-    on_inconclusive="pause",
-    confidence=0.99,
-    tolerance_pct=0.5,
-    failure_threshold=2,
-    max_errors=3,
-    app_id=None,
-    stable_app_id=None,
-    caller_app_id=None,
-)
+SPEC = analysis_spec()
 
 
 def obs(canary: BackendStats | None, stable: BackendStats | None = None, error: str | None = None) -> Observation:

@@ -19,7 +19,7 @@ from canaryd.metrics.custom import parse_templates
 from canaryd.metrics.envoy import EnvoyIndex, EnvoySignal, cluster_pattern, pattern_bounds_service
 from canaryd.metrics.prometheus import iter_samples
 from canaryd.settings import PrometheusSettings
-from canaryd.spec import AnalysisSpec
+from tests.specs import analysis_spec
 
 
 @pytest.mark.parametrize(
@@ -207,23 +207,7 @@ def test_envoy_match_by_index_equals_brute_force(template: str) -> None:
         assert obs.stable == brute(item.stable)
 
 
-SPEC = AnalysisSpec(
-    signals=("envoy",),
-    window_s=10.0,
-    success_rate_min=99.0,
-    latency_max_ms=None,
-    latency_quantile=0.99,
-    min_requests=1,
-    max_inconclusive=5,
-    on_inconclusive="pause",
-    confidence=0.99,
-    tolerance_pct=0.5,
-    failure_threshold=2,
-    max_errors=3,
-    app_id=None,
-    stable_app_id=None,
-    caller_app_id=None,
-)
+SPEC = analysis_spec(window_s=10.0, min_requests=1)
 
 
 def test_malformed_answers_are_refused() -> None:
