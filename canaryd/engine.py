@@ -102,6 +102,7 @@ class Engine:
         self._services: set[Key] = set()
         self._canary_of: dict[Key, Key] = {}  # route -> canary service it waits on
         self._waiters: dict[Key, set[Key]] = {}  # canary service -> routes
+        self._shown: dict[Key, tuple[str, int, int]] = {}  # what the gauges show per route
         self.informers: list[Informer] = []
         self._stopping = False
 
@@ -233,6 +234,7 @@ class Engine:
                     obj = self._route_cache(key)
                     if obj is None or not is_managed(obj):
                         self.metrics.forget(ns, name)
+                        self._shown.pop(key, None)
                         return
                     try:
                         wake_at = await self.reconcile(obj)
@@ -423,6 +425,10 @@ class Engine:
         if st is None:
             return
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        shown = (st.phase.value, st.canary_weight, st.step)
+        if self._shown.get((ns, name)) == shown:
+            return  # most wake-ups change nothing: skip eight gauge updates per tick
+        self._shown[(ns, name)] = shown
         self.metrics.set_phase(ns, name, st.phase.value)
         self.metrics.canary_weight.labels(ns, name).set(st.canary_weight)
         self.metrics.step.labels(ns, name).set(st.step + 1)

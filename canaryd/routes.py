@@ -17,7 +17,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from canaryd import spec as ann
 from canaryd.errors import ConflictError, RouteError
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, status_message, translate
-from canaryd.plan import PairWeights, pair_scale
+from canaryd.plan import PairWeights, pair_scale, weights_at
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,6 @@ def _escape(key: str) -> str:
 
 
 def weight_ops(pair: Pair, canary_pct: int) -> list[dict[str, Any]]:
-    from canaryd.plan import weights_at
-
     ops: list[dict[str, Any]] = []
     for r in pair.rules:
         w: PairWeights = weights_at(canary_pct, r.scale)
@@ -177,7 +175,6 @@ class RouteClient:
     def __init__(self, api: client.ApiClient, field_manager: str = "canaryd") -> None:
         self._co = client.CustomObjectsApi(api)
         self.field_manager = field_manager
-        self.patches = 0
 
     async def get(self, ref: RouteRef) -> dict[str, Any]:
         try:
@@ -215,5 +212,4 @@ class RouteClient:
             raise translate(exc, f"patch httproute {ref}") from exc
         except Exception as exc:
             raise translate(exc, f"patch httproute {ref}") from exc
-        self.patches += 1
         return out
