@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all test unit integration lint typecheck venv binaries prometheus demo bench bench-smoke clean devstack-up devstack-down
+.PHONY: all test unit integration lint typecheck venv binaries prometheus demo bench bench-smoke bench-judge chaos wheel-check clean devstack-up devstack-down
 
 all: test
 
@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# The devkit (devstack, demo, bench) is not in the wheel: the checkout's venv imports it from here.
+	$(PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/canaryd-devkit.pth", "w").write(sys.argv[1] + "\n")' "$(CURDIR)"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -23,7 +25,9 @@ prometheus:
 	bash hack/install-prometheus.sh
 
 lint: venv
-	$(VENV)/bin/ruff check canaryd tests $(wildcard bench)
+	$(VENV)/bin/ruff check canaryd devkit tests
+	$(VENV)/bin/ruff format --check canaryd devkit tests
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 
 typecheck: lint
@@ -41,10 +45,13 @@ demo: venv binaries prometheus
 	$(VENV)/bin/canaryd demo
 
 bench: venv binaries prometheus
-	$(PY) -m bench.run --full
+	$(PY) -m devkit.bench.run --full
 
 bench-smoke: venv binaries prometheus
-	$(PY) -m bench.run --smoke
+	$(PY) -m devkit.bench.run --smoke
+
+bench-judge: venv
+	$(PY) -m devkit.bench.judge_sim
 
 devstack-up: venv binaries prometheus
 	$(VENV)/bin/canaryd devstack up --dir .devstack

@@ -13,7 +13,6 @@ from canaryd import __version__
 from canaryd.errors import CanarydError
 
 EPILOG = """examples:
-  canaryd devstack up --dir .devstack      # a real local control plane + Prometheus
   canaryd run                              # the controller (in-cluster or with KUBECONFIG)
   canaryd status -A                        # every rollout
   canaryd promote whoami -n shop           # skip to 100%
@@ -21,7 +20,7 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from canaryd.commands import COMMANDS
+    from canaryd.commands import COMMANDS, dev_commands
 
     parser = argparse.ArgumentParser(
         prog="canaryd",
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _args: print(f"canaryd {__version__}") or 0)
-    for register in COMMANDS:
+    for register in [*COMMANDS, *dev_commands()]:
         register(sub)
     return parser
 

@@ -20,45 +20,28 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from kubernetes_asyncio import client
 
-from canaryd import spec as ann
-from canaryd.analysis import AnalysisTarget, Analyzer, Judgement, Verdict
-from canaryd.decide import Decision, Facts, decide
-from canaryd.errors import (
-    CanarydError,
-    ConflictError,
-    NotFoundError,
-    RouteError,
-    SpecError,
-    StateError,
-)
-from canaryd.events import EventRecorder
-from canaryd.informer import Informer, Key, raw
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
+from canaryd.core.admit import Admission, admit, is_managed
+from canaryd.core.analysis import AnalysisTarget, Analyzer, Observation
+from canaryd.core.backends import Pair, RouteRef, annotation_ops, weight_ops
+from canaryd.core.decide import Decision, Event, decide
+from canaryd.core.spec import INTENT, STATE
+from canaryd.core.state import Failure, Phase, RolloutState
+from canaryd.errors import CanarydError, ConflictError, InvalidError, NotFoundError
+from canaryd.kube import Api
+from canaryd.kube.api import lister
+from canaryd.kube.events import EventRecorder
+from canaryd.kube.informer import Informer, Key
+from canaryd.kube.routes import RouteClient
 from canaryd.observability import Metrics
-from canaryd.plan import canary_percent
-from canaryd.routes import (
-    Pair,
-    RouteClient,
-    RouteRef,
-    annotation_ops,
-    gamma_parents,
-    resolve_pair,
-    weight_ops,
-)
 from canaryd.settings import Settings
-from canaryd.state import Phase, RolloutState
 
 log = structlog.get_logger("canaryd.engine")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MAX_CONFLICT_RETRIES = 5
-
-
-def is_managed(obj: dict[str, Any]) -> bool:
-    a = obj["metadata"].get("annotations") or {}
-    return ann.CANARY in a or ann.STATE in a
+REFUSED_BACKOFF_S = 5.0
+REFUSED_BACKOFF_MAX_S = 300.0
 
 
 def slice_ready(es: dict[str, Any]) -> bool:
@@ -78,7 +61,7 @@ class _Worker:
 class Engine:
     def __init__(
         self,
-        api: client.ApiClient,
+        api: Api,
         settings: Settings,
         *,
         analyzer: Analyzer | None = None,
@@ -103,60 +86,24 @@ class Engine:
         self._canary_of: dict[Key, Key] = {}  # route -> canary service it waits on
         self._waiters: dict[Key, set[Key]] = {}  # canary service -> routes
         self._shown: dict[Key, tuple[str, int, int]] = {}  # what the gauges show per route
+        self._refusals: dict[Key, int] = {}  # writes the apiserver refused as invalid, per route
         self.informers: list[Informer] = []
         self._stopping = False
 
     # --- informers -------------------------------------------------------------------------
     def _build_informers(self) -> list[Informer]:
-        co = client.CustomObjectsApi(self.api)
-        core = client.CoreV1Api(self.api)
-        disc = client.DiscoveryV1Api(self.api)
-        ns = self.settings.namespaces
+        scopes: list[str | None] = list(self.settings.namespaces) or [None]
         out: list[Informer] = []
-        scopes: list[str | None] = list(ns) if ns else [None]
         for scope in scopes:
             suffix = f"/{scope}" if scope else ""
-            if scope:
-                out.append(
-                    Informer(
-                        f"httproutes{suffix}",
-                        raw(co.list_namespaced_custom_object),
-                        (GATEWAY_GROUP, GATEWAY_VERSION, scope, HTTPROUTES),
-                        on_change=self._on_route,
-                        label_selector=self.settings.label_selector,
-                    )
-                )
-                out.append(
-                    Informer(
-                        f"services{suffix}", raw(core.list_namespaced_service), (scope,), on_change=self._on_service
-                    )
-                )
-                out.append(
-                    Informer(
-                        f"endpointslices{suffix}",
-                        raw(disc.list_namespaced_endpoint_slice),
-                        (scope,),
-                        on_change=self._on_slice,
-                    )
-                )
-            else:
-                out.append(
-                    Informer(
-                        "httproutes",
-                        raw(co.list_cluster_custom_object),
-                        (GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES),
-                        on_change=self._on_route,
-                        label_selector=self.settings.label_selector,
-                    )
-                )
-                out.append(
-                    Informer("services", raw(core.list_service_for_all_namespaces), (), on_change=self._on_service)
-                )
-                out.append(
-                    Informer(
-                        "endpointslices", raw(disc.list_endpoint_slice_for_all_namespaces), (), on_change=self._on_slice
-                    )
-                )
+            for kind, on_change in (
+                ("httproutes", self._on_route),
+                ("services", self._on_service),
+                ("endpointslices", self._on_slice),
+            ):
+                fn, args = lister(self.api, kind, scope)  # type: ignore[arg-type]
+                selector = self.settings.label_selector if kind == "httproutes" else None
+                out.append(Informer(f"{kind}{suffix}", fn, args, on_change=on_change, label_selector=selector))
         return out
 
     def _route_cache(self, key: Key) -> dict[str, Any] | None:
@@ -263,126 +210,97 @@ class Engine:
                 self.metrics.reconcile_seconds.observe(time.perf_counter() - t0)
 
     async def _reconcile(self, obj: dict[str, Any]) -> datetime | None:
-        judgements: list[Judgement] | None = None
+        observations: list[Observation] | None = None
+        ref = RouteRef(obj["metadata"]["namespace"], obj["metadata"]["name"])
         for _attempt in range(MAX_CONFLICT_RETRIES):
-            facts, pair, raw_intent, parent = self._facts(obj, judgements)
+            adm = admit(obj, self, self.settings.defaults, self.clock())
+            facts = dataclasses.replace(adm.facts, observations=observations)
             d = decide(facts)
-            if d.analyze and pair is not None and facts.spec is not None and facts.stable is not None:
-                judgements = await self._analyze(obj, facts, pair, parent)
+            if d.analyze and adm.pair is not None and adm.spec is not None:
+                observations = await self._analyze(obj, adm, d.window_s)
                 # Measuring takes time: decide (and schedule the next round) from when it ended.
-                facts = dataclasses.replace(facts, judgements=judgements, now=self.clock())
-                d = decide(facts)
-            if facts.spec is not None:
-                ns = obj["metadata"]["namespace"]
-                self._wait_on((ns, obj["metadata"]["name"]), (ns, facts.spec.canary))
+                d = decide(dataclasses.replace(facts, observations=observations, now=self.clock()))
+                self._log_round(d)
+            if adm.spec is not None:
+                self._wait_on((ref.namespace, ref.name), (ref.namespace, adm.spec.canary))
             try:
-                await self._apply(obj, d, pair, raw_intent, facts.state)
+                await self._apply(obj, d, adm.pair, adm.raw_intent, facts.state)
+                self._refusals.pop((ref.namespace, ref.name), None)
                 return d.wake_at
             except ConflictError as exc:
                 log.info("conflict_rereading", error=str(exc))
                 try:
-                    obj = await self.routes.get(RouteRef(obj["metadata"]["namespace"], obj["metadata"]["name"]))
+                    obj = await self.routes.get(ref)
                 except NotFoundError:
                     return None
+            except InvalidError as exc:
+                return await self._refused(obj, d, exc)
         log.warning("conflict_retries_exhausted")
         return self.clock() + timedelta(seconds=1)
 
-    def _facts(
-        self, obj: dict[str, Any], judgements: list[Judgement] | None
-    ) -> tuple[Facts, Pair | None, str | None, str | None]:
-        meta = obj["metadata"]
-        a: dict[str, str] = meta.get("annotations") or {}
-        now = self.clock()
-        state: RolloutState | None = None
-        error: str | None = None
-        rspec = None
-        pair: Pair | None = None
-        parent: str | None = None
-        where = f"httproute {meta['namespace']}/{meta['name']}"
-        try:
-            if ann.STATE in a:
-                state = RolloutState.from_annotation(a[ann.STATE])
-        except StateError as exc:
-            error = f"{where}: {ann.STATE}: {exc}"
-        raw_intent = a.get(ann.INTENT)
-        intent = None
-        try:
-            intent = ann.parse_intent(raw_intent)
-        except SpecError as exc:
-            log.warning("bad_intent", error=str(exc))
-        current = 0
-        if error is None:
-            try:
-                rspec = ann.parse_spec(a, self.settings.defaults)
-                if rspec is None:
-                    raise SpecError(ann.CANARY, "missing; set it to the backendRef to roll out")
-                parents = gamma_parents(obj)
-                if not parents:
-                    raise RouteError(
-                        f"{where}: canaryd manages GAMMA routes (parentRefs of kind Service); "
-                        "this route attaches to a Gateway — annotate the mesh route instead"
-                    )
-                parent = parents[0]
-                pair = resolve_pair(obj, rspec.canary, rspec.stable)
-                for backend in (pair.stable, pair.canary):
-                    if not self.service_exists(meta["namespace"], backend):
-                        raise RouteError(
-                            f"{where}: backend Service {meta['namespace']}/{backend} does not exist; "
-                            "create it or fix the backendRef"
-                        )
-                r0 = pair.rules[0]
-                current = round(canary_percent(r0.stable_weight, r0.canary_weight))
-                if all(r.stable_weight + r.canary_weight == 0 for r in pair.rules):
-                    raise RouteError(
-                        f"{where}: the weights of {pair.stable} and {pair.canary} are both 0; "
-                        "give the stable a weight (e.g. 100)"
-                    )
-            except SpecError as exc:
-                error = f"{where}: annotation {exc}"
-            except RouteError as exc:
-                error = str(exc)
-        facts = Facts(
-            now=now,
-            spec=rspec if error is None else None,
-            stable=pair.stable if pair and error is None else None,
-            error=error,
-            state=state,
-            intent=intent,
-            canary_ready=bool(rspec and self.service_ready(meta["namespace"], rspec.canary)),
-            current_canary_pct=current,
-            judgements=judgements,
-        )
-        return facts, pair, raw_intent, parent
+    async def _refused(self, obj: dict[str, Any], d: Decision, exc: InvalidError) -> datetime:
+        """The apiserver refuses our write as invalid (e.g. annotations over 256 KiB): the same write
+        cannot succeed, so say so once, try a minimal Failed state that holds the weights, and back off."""
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        n = self._refusals.get(key, 0) + 1
+        self._refusals[key] = n
+        cause = str(exc)[:300]
+        if n == 1:
+            log.error("patch_refused", error=cause)
+            self.events.submit(obj, Event("Warning", "PatchRefused", f"the apiserver refused canaryd's write: {cause}"))
+        if d.state is not None and d.state.phase != Phase.FAILED and n <= 2:
+            now = self.clock()
+            failed = d.state.with_(
+                phase=Phase.FAILED,
+                failure=Failure.STATE,
+                message=f"the apiserver refused canaryd's write ({cause}); weights held",
+                next_at=None,
+                history=(),
+            )
+            with contextlib.suppress(CanarydError):
+                ops = annotation_ops(obj, {STATE: failed.to_annotation()}, {})
+                await self.routes.patch(obj, ops)
+                log.info("route_failed_refused_write", at=str(now))
+        return self.clock() + timedelta(seconds=min(REFUSED_BACKOFF_S * 2 ** (n - 1), REFUSED_BACKOFF_MAX_S))
 
-    async def _analyze(self, obj: dict[str, Any], facts: Facts, pair: Pair, parent: str | None) -> list[Judgement]:
-        assert facts.spec is not None and facts.stable is not None
+    async def _analyze(self, obj: dict[str, Any], adm: Admission, window_s: float | None) -> list[Observation]:
+        """This round's counts per signal, over the window since the last round."""
+        assert adm.spec is not None and adm.pair is not None
+        spec = adm.spec
+        signals = spec.analysis.signals
         if self.analyzer is None:
-            return [
-                Judgement(signal=s, verdict=Verdict.ERROR, reason="no analyzer configured (Prometheus URL unset)")
-                for s in facts.spec.analysis.signals
-            ]
+            return [Observation(s, None, None, error="no analyzer configured (Prometheus URL unset)") for s in signals]
+        analysis = dataclasses.replace(spec.analysis, window_s=window_s or spec.analysis.window_s)
         target = AnalysisTarget(
             namespace=obj["metadata"]["namespace"],
             route=obj["metadata"]["name"],
-            service=parent or "",
-            port=int(facts.spec.port or pair.port or 80),
-            stable=facts.stable,
-            canary=facts.spec.canary,
-            spec=facts.spec.analysis,
+            service=adm.parent or "",
+            port=int(spec.port or adm.pair.port or 80),
+            stable=adm.pair.stable,
+            canary=spec.canary,
+            spec=analysis,
         )
         try:
-            out = await self.analyzer.analyze(target)
+            return await self.analyzer.analyze(target)
         except CanarydError as exc:
-            out = [Judgement(signal=s, verdict=Verdict.ERROR, reason=str(exc)) for s in facts.spec.analysis.signals]
-        for j in out:
-            self.metrics.analysis.labels(j.verdict.value, j.signal).inc()
+            return [Observation(s, None, None, error=str(exc)) for s in signals]
+
+    def _log_round(self, d: Decision) -> None:
+        """One canonical line per analysis round, from the records the decision added."""
+        st = d.state
+        if st is None:
+            return
+        recs = [r for r in st.history if r.at == st.updated_at]  # what this round recorded
+        for r in recs:
+            self.metrics.analysis.labels(r.verdict, r.signal).inc()
         log.info(
             "analysis_round",
-            verdicts={j.signal: j.verdict.value for j in out},
-            reasons=[j.reason for j in out],
-            step=facts.state.step if facts.state else None,
+            step=st.step,
+            phase=st.phase.value,
+            verdicts={r.signal: r.verdict for r in recs},
+            evidence={r.signal: r.evidence for r in recs},
+            reasons=[r.reason for r in recs],
         )
-        return out
 
     async def _apply(
         self, obj: dict[str, Any], d: Decision, pair: Pair | None, raw_intent: str | None, before: RolloutState | None
@@ -390,8 +308,8 @@ class Engine:
         ops: list[dict[str, Any]] = []
         if d.canary_pct is not None and pair is not None:
             ops += weight_ops(pair, d.canary_pct)
-        set_ = {ann.STATE: d.state.to_annotation()} if d.state is not None else {}
-        remove = {ann.INTENT: raw_intent} if d.consume_intent and raw_intent is not None else {}
+        set_ = {STATE: d.state.to_annotation()} if d.state is not None else {}
+        remove = {INTENT: raw_intent} if d.consume_intent and raw_intent is not None else {}
         ops += annotation_ops(obj, set_, remove)
         if not ops:
             self._observe(obj, before)

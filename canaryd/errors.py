@@ -1,51 +1,59 @@
-"""One exception hierarchy. Messages say what was wrong, where, and what to do."""
+"""Errors at canaryd's boundaries. The core's errors (spec, route, state) live in ``canaryd.core.errors``;
+the Kubernetes family is built once, in ``canaryd.kube.translate``, from the API ``Status``.
+"""
 
 from __future__ import annotations
 
+from typing import Any
 
-class CanarydError(Exception):
-    """Base of every error canaryd raises on purpose."""
+from canaryd.core.errors import CanarydError, RouteError, SpecError, StateError
 
-
-class SpecError(CanarydError):
-    """A ``canaryd.io/*`` annotation is invalid; the route is left untouched.
-
-    ``annotation`` names the offending annotation so Events and status can point at it.
-    """
-
-    def __init__(self, annotation: str, message: str) -> None:
-        super().__init__(f"{annotation}: {message}")
-        self.annotation = annotation
-        self.message = message
-
-
-class RouteError(CanarydError):
-    """The route cannot be rolled out as annotated (missing backend, no shared rule, ...)."""
-
-
-class StateError(CanarydError):
-    """The state annotation cannot be decoded (corrupt or from a newer canaryd)."""
-
-
-class ConflictError(CanarydError):
-    """Someone else changed the object between our read and our write."""
-
-
-class NotFoundError(CanarydError):
-    """The object does not exist (any more)."""
-
-
-class ForbiddenError(CanarydError):
-    """RBAC refused the call; the message names the verb and resource."""
+__all__ = [
+    "CanarydError",
+    "ConflictError",
+    "ForbiddenError",
+    "GoneError",
+    "InvalidError",
+    "KubeError",
+    "MetricsError",
+    "NotFoundError",
+    "RouteError",
+    "SpecError",
+    "StateError",
+]
 
 
 class KubeError(CanarydError):
-    """Any other failure talking to the Kubernetes API."""
+    """A failure talking to the Kubernetes API; ``status`` is the API Status (HTTP code) when there was one.
+
+    Transient unless a subclass says otherwise: callers retry with backoff.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, body: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body or {}
+
+
+class ConflictError(KubeError):
+    """Someone else changed the object between our read and our write (409, or a failed JSON-patch ``test``)."""
+
+
+class NotFoundError(KubeError):
+    """The object does not exist (any more)."""
+
+
+class ForbiddenError(KubeError):
+    """RBAC (403) or authentication (401) refused the call; the message names the verb and resource."""
+
+
+class InvalidError(KubeError):
+    """The server refused the request as invalid (422 other than a failed ``test``): retrying cannot help."""
+
+
+class GoneError(KubeError):
+    """410: the resourceVersion is too old; relist."""
 
 
 class MetricsError(CanarydError):
     """Prometheus could not be queried or answered with something unusable."""
-
-
-class DevstackError(CanarydError):
-    """The local control plane could not be started or stopped."""

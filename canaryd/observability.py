@@ -16,7 +16,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from canaryd.state import Phase
+from canaryd.core.state import Phase
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Daemon settings: environment (``CANARYD_*``), an optional YAML file, then defaults.
 
-Cluster-wide rollout defaults live in ``RolloutDefaults``; a route's annotations override them.
+Cluster-wide rollout defaults are ``canaryd.core.spec.RolloutDefaults``; a route's annotations override them.
 The file named by ``CANARYD_CONFIG_FILE`` (see ``config/canaryd.yaml``) is read first and the
 environment wins over it.
 """
@@ -15,36 +15,7 @@ import yaml
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-
-class RolloutDefaults(BaseModel):
-    """Defaults for every rollout; each has a ``canaryd.io/*`` annotation that overrides it."""
-
-    steps: list[int] = Field(default=[5, 10, 25, 50, 100])
-    """Canary weight in percent at each step; the last must be 100."""
-    interval_s: float = 60.0
-    """Seconds to hold each step (and the analysis window when none is set)."""
-    failure_threshold: int = 2
-    """Consecutive failed analysis rounds that trigger a rollback."""
-    ready_deadline_s: float = 300.0
-    """How long the canary may lack ready endpoints before the rollout rolls back."""
-    analysis: str = "none"
-    """Signals to judge between steps: ``none``, ``envoy``, ``dapr``, ``custom:<name>``, comma-joined."""
-    success_rate_min: float = 99.0
-    """Minimum canary success rate in percent (absolute check)."""
-    latency_max_ms: float | None = None
-    """Maximum canary latency quantile in milliseconds (absolute check), unset = no check."""
-    latency_quantile: float = 0.99
-    min_requests: int = 50
-    """Below this many canary requests in the window the verdict is inconclusive."""
-    max_inconclusive: int = 5
-    """Inconclusive rounds in a row before ``on_inconclusive`` happens."""
-    on_inconclusive: Literal["pause", "rollback"] = "pause"
-    confidence: float = 0.99
-    """Confidence of the canary-vs-stable test on error proportions."""
-    tolerance_pct: float = 0.5
-    """Tolerated extra error rate of the canary over the stable, in percentage points."""
-    max_errors: int = 3
-    """Consecutive analysis errors (Prometheus down, bad answer) before rolling back."""
+from canaryd.core.spec import RolloutDefaults
 
 
 class PrometheusSettings(BaseModel):

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from canaryd import spec as ann
-from canaryd.errors import CanarydError
-from canaryd.plan import canary_percent
-from canaryd.routes import resolve_pair
-from canaryd.state import AnalysisRecord, Phase, RolloutState, parse_ts, ts
+from canaryd.core import spec as ann
+from canaryd.core.admit import is_managed
+from canaryd.core.backends import resolve_pair
+from canaryd.core.errors import CanarydError
+from canaryd.core.plan import canary_percent
+from canaryd.core.state import AnalysisRecord, Phase, RolloutState, parse_ts, ts
 
 SCHEMA_VERSION = "canaryd.io/v1"
 PENDING = "Pending"  # annotated for canaryd, no state written yet
@@ -50,12 +51,6 @@ _VERDICT_SYMBOLS = {"pass": "✓", "fail": "✗", "error": "!", "inconclusive": 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def is_managed(obj: Mapping[str, Any]) -> bool:
-    """A route canaryd looks after: it carries ``canaryd.io/canary`` or canaryd state."""
-    a = (obj.get("metadata") or {}).get("annotations") or {}
-    return ann.CANARY in a or ann.STATE in a
-
-
 @dataclass(frozen=True)
 class RouteStatus:
     """One route as ``status`` sees it (decoded from the route dict, nothing fetched)."""
@@ -85,12 +80,20 @@ class RouteStatus:
                 state = RolloutState.from_annotation(a[ann.STATE])
             except CanarydError as exc:
                 error = str(exc)
-        return cls(namespace=meta.get("namespace", ""), name=meta["name"], annotations=a, state=state,
-                   state_error=error, weights=_route_weights(obj, a, state), pending_intent=a.get(ann.INTENT))
+        return cls(
+            namespace=meta.get("namespace", ""),
+            name=meta["name"],
+            annotations=a,
+            state=state,
+            state_error=error,
+            weights=_route_weights(obj, a, state),
+            pending_intent=a.get(ann.INTENT),
+        )
 
 
-def _route_weights(obj: Mapping[str, Any], a: Mapping[str, str], st: RolloutState | None
-                   ) -> tuple[str, int, str, int] | None:
+def _route_weights(
+    obj: Mapping[str, Any], a: Mapping[str, str], st: RolloutState | None
+) -> tuple[str, int, str, int] | None:
     canary = st.canary if st and st.canary else a.get(ann.CANARY, "").strip()
     stable = st.stable if st and st.stable else (a.get(ann.STABLE, "").strip() or None)
     if not canary:
@@ -231,14 +234,22 @@ LIST_HEADER = ("NAMESPACE", "ROUTE", "PHASE", "STEP", "WEIGHTS", "VERDICT", "NEX
 
 def row(rs: RouteStatus, now: datetime, color: bool = False) -> tuple[str, ...]:
     st = rs.state
-    return (rs.namespace, rs.name, phase_text(rs.phase, color), step_text(st), weights_text(rs.weights),
-            verdict_text(st, color), next_text(st, now), age_text(st, now), message_of(rs))
+    return (
+        rs.namespace,
+        rs.name,
+        phase_text(rs.phase, color),
+        step_text(st),
+        weights_text(rs.weights),
+        verdict_text(st, color),
+        next_text(st, now),
+        age_text(st, now),
+        message_of(rs),
+    )
 
 
 def render_list(routes: Sequence[Mapping[str, Any]], now: datetime, *, color: bool = False) -> str:
     """The table of every managed route in ``routes`` (others are left out), sorted by namespace/name."""
-    managed = sorted((RouteStatus.from_route(o) for o in routes if is_managed(o)),
-                     key=lambda r: (r.namespace, r.name))
+    managed = sorted((RouteStatus.from_route(o) for o in routes if is_managed(o)), key=lambda r: (r.namespace, r.name))
     if not managed:
         return "no routes with canaryd annotations found\n"
     return table(LIST_HEADER, [row(r, now, color) for r in managed])
@@ -252,8 +263,17 @@ def plan(st: RolloutState) -> list[tuple[int, str]]:
         if st.phase == Phase.PROMOTED:
             status = "done"
         elif st.phase in (Phase.ROLLED_BACK, Phase.FAILED):
-            status = "done" if i < st.step else ("rolled back" if i == st.step and st.phase == Phase.ROLLED_BACK
-                                                 else "failed" if i == st.step else "skipped")
+            status = (
+                "done"
+                if i < st.step
+                else (
+                    "rolled back"
+                    if i == st.step and st.phase == Phase.ROLLED_BACK
+                    else "failed"
+                    if i == st.step
+                    else "skipped"
+                )
+            )
         elif i < st.step:
             status = "done"
         elif i == st.step:
@@ -267,8 +287,12 @@ def plan(st: RolloutState) -> list[tuple[int, str]]:
 
 
 def _event_time(ev: Mapping[str, Any]) -> str | None:
-    v = ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp") \
+    v = (
+        ev.get("lastTimestamp")
+        or ev.get("eventTime")
+        or ev.get("firstTimestamp")
         or (ev.get("metadata") or {}).get("creationTimestamp")
+    )
     return None if v is None else str(v)
 
 
@@ -277,8 +301,9 @@ def _ago(at: str | None, now: datetime) -> str:
     return "-" if t is None else f"{duration((now - t).total_seconds())} ago"
 
 
-def render_detail(obj: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now: datetime, *,
-                  color: bool = False) -> str:
+def render_detail(
+    obj: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now: datetime, *, color: bool = False
+) -> str:
     rs = RouteStatus.from_route(obj)
     st = rs.state
     out: list[str] = []
@@ -304,8 +329,9 @@ def render_detail(obj: Mapping[str, Any], events: Sequence[Mapping[str, Any]], n
     width = max(len(k) for k, _ in kv) + 2
     out += [f"{(k + ':').ljust(width)}{v}" for k, v in kv]
 
-    spec_ann = sorted((k, v) for k, v in rs.annotations.items() if k.startswith(ann.PREFIX)
-                      and k not in (ann.STATE, ann.INTENT))
+    spec_ann = sorted(
+        (k, v) for k, v in rs.annotations.items() if k.startswith(ann.PREFIX) and k not in (ann.STATE, ann.INTENT)
+    )
     out.append("")
     out.append("Annotations:")
     out.append(table(("NAME", "VALUE"), spec_ann, indent="  ").rstrip("\n") if spec_ann else "  <none>")
@@ -315,16 +341,20 @@ def render_detail(obj: Mapping[str, Any], events: Sequence[Mapping[str, Any]], n
     if st is None or not st.steps:
         out.append("  <not started>")
     else:
-        out.append(table(("STEP", "CANARY", "STATUS"), [(str(i + 1), f"{w}%", s) for i, (w, s) in enumerate(plan(st))],
-                         indent="  ").rstrip("\n"))
+        out.append(
+            table(
+                ("STEP", "CANARY", "STATUS"),
+                [(str(i + 1), f"{w}%", s) for i, (w, s) in enumerate(plan(st))],
+                indent="  ",
+            ).rstrip("\n")
+        )
 
     out.append("")
     out.append("Analysis:")
     if st is None or not st.history:
         out.append("  <none>")
     else:
-        rows = [(r.at, str(r.step + 1), r.signal, r.verdict, record_numbers(r) or "-", r.reason)
-                for r in st.history]
+        rows = [(r.at, str(r.step + 1), r.signal, r.verdict, record_numbers(r) or "-", r.reason) for r in st.history]
         out.append(table(("AT", "STEP", "SIGNAL", "VERDICT", "NUMBERS", "REASON"), rows, indent="  ").rstrip("\n"))
 
     out.append("")
@@ -332,36 +362,51 @@ def render_detail(obj: Mapping[str, Any], events: Sequence[Mapping[str, Any]], n
     if st is None or not st.intents:
         out.append("  <none>")
     else:
-        out.append(table(("AT", "INTENT", "RESULT"), [(i.at, i.intent, i.result) for i in st.intents],
-                         indent="  ").rstrip("\n"))
+        out.append(
+            table(("AT", "INTENT", "RESULT"), [(i.at, i.intent, i.result) for i in st.intents], indent="  ").rstrip(
+                "\n"
+            )
+        )
 
     out.append("")
     out.append("Events:")
     if not events:
         out.append("  <none>")
     else:
-        ev_rows = [(_ago(_event_time(e), now), str(e.get("type", "")), str(e.get("reason", "")),
-                    str(e.get("message", ""))) for e in sort_events(events)]
+        ev_rows = [
+            (_ago(_event_time(e), now), str(e.get("type", "")), str(e.get("reason", "")), str(e.get("message", "")))
+            for e in sort_events(events)
+        ]
         out.append(table(("LAST SEEN", "TYPE", "REASON", "MESSAGE"), ev_rows, indent="  ").rstrip("\n"))
     return "\n".join(out) + "\n"
 
 
 def sort_events(events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    return sorted(events, key=lambda e: (parse_ts(_event_time(e)) or datetime.min.replace(tzinfo=UTC),
-                                         str((e.get("metadata") or {}).get("name", ""))))
+    return sorted(
+        events,
+        key=lambda e: (
+            parse_ts(_event_time(e)) or datetime.min.replace(tzinfo=UTC),
+            str((e.get("metadata") or {}).get("name", "")),
+        ),
+    )
 
 
 # --- document (-o json|yaml) --------------------------------------------------------------------
 def _record_doc(r: AnalysisRecord) -> dict[str, Any]:
     return {
-        "step": r.step + 1, "at": r.at, "signal": r.signal, "verdict": r.verdict, "reason": r.reason,
+        "step": r.step + 1,
+        "at": r.at,
+        "signal": r.signal,
+        "verdict": r.verdict,
+        "reason": r.reason,
         "canary": {"requests": r.canary_requests, "successRate": r.canary_success, "latencyMs": r.canary_latency_ms},
         "stable": {"requests": r.stable_requests, "successRate": r.stable_success, "latencyMs": r.stable_latency_ms},
     }
 
 
-def route_document(obj: Mapping[str, Any], now: datetime, *,
-                   events: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def route_document(
+    obj: Mapping[str, Any], now: datetime, *, events: Sequence[Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
     """One route's status as documented in docs/status-schema.json (``$defs/rollout``)."""
     rs = RouteStatus.from_route(obj)
     st = rs.state
@@ -377,16 +422,23 @@ def route_document(obj: Mapping[str, Any], now: datetime, *,
         "canary": (st.canary if st else None) or rs.annotations.get(ann.CANARY) or None,
         "stable": (st.stable if st else None) or rs.annotations.get(ann.STABLE) or None,
         "step": None if st is None or not st.steps else {"number": st.step + 1, "total": len(st.steps)},
-        "weights": None if w is None else {"stable": {"backend": w[0], "percent": w[1]},
-                                           "canary": {"backend": w[2], "percent": w[3]}},
-        "verdict": None if not rnd else {
-            "at": rnd[0].at, "step": rnd[0].step + 1,
-            "verdict": next((v for v in ("error", "fail", "inconclusive", "pass") if any(r.verdict == v for r in rnd)),
-                            rnd[0].verdict),
+        "weights": None
+        if w is None
+        else {"stable": {"backend": w[0], "percent": w[1]}, "canary": {"backend": w[2], "percent": w[3]}},
+        "verdict": None
+        if not rnd
+        else {
+            "at": rnd[0].at,
+            "step": rnd[0].step + 1,
+            "verdict": next(
+                (v for v in ("error", "fail", "inconclusive", "pass") if any(r.verdict == v for r in rnd)),
+                rnd[0].verdict,
+            ),
             "signals": [_record_doc(r) for r in rnd],
         },
         "nextAt": st.next_at if st and not st.phase.terminal and st.phase != Phase.PAUSED else None,
-        "nextInSeconds": None if due is None or st is None or st.phase.terminal or st.phase == Phase.PAUSED
+        "nextInSeconds": None
+        if due is None or st is None or st.phase.terminal or st.phase == Phase.PAUSED
         else max(0.0, round((due - now).total_seconds(), 3)),
         "startedAt": st.started_at if st else None,
         "ageSeconds": None if started is None else max(0.0, round((now - started).total_seconds(), 3)),
@@ -394,27 +446,47 @@ def route_document(obj: Mapping[str, Any], now: datetime, *,
         "message": message_of(rs),
         "pendingIntent": rs.pending_intent,
         "stateError": rs.state_error,
-        "plan": [] if st is None else [{"step": i + 1, "canaryPercent": wt, "status": s}
-                                       for i, (wt, s) in enumerate(plan(st))],
+        "plan": []
+        if st is None
+        else [{"step": i + 1, "canaryPercent": wt, "status": s} for i, (wt, s) in enumerate(plan(st))],
         "history": [] if st is None else [_record_doc(r) for r in st.history],
         "intents": [] if st is None else [{"intent": i.intent, "at": i.at, "result": i.result} for i in st.intents],
-        "annotations": {k: v for k, v in sorted(rs.annotations.items())
-                        if k.startswith(ann.PREFIX) and k not in (ann.STATE, ann.INTENT)},
+        "annotations": {
+            k: v
+            for k, v in sorted(rs.annotations.items())
+            if k.startswith(ann.PREFIX) and k not in (ann.STATE, ann.INTENT)
+        },
     }
     if events is not None:
-        doc["events"] = [{"type": str(e.get("type", "")), "reason": str(e.get("reason", "")),
-                          "message": str(e.get("message", "")), "at": _event_time(e),
-                          "count": int(e.get("count") or 1)} for e in sort_events(events)]
+        doc["events"] = [
+            {
+                "type": str(e.get("type", "")),
+                "reason": str(e.get("reason", "")),
+                "message": str(e.get("message", "")),
+                "at": _event_time(e),
+                "count": int(e.get("count") or 1),
+            }
+            for e in sort_events(events)
+        ]
     return doc
 
 
 def list_document(routes: Sequence[Mapping[str, Any]], now: datetime) -> dict[str, Any]:
-    items = sorted((o for o in routes if is_managed(o)),
-                   key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
-    return {"apiVersion": SCHEMA_VERSION, "kind": "RolloutStatusList", "generatedAt": ts(now),
-            "items": [route_document(o, now) for o in items]}
+    items = sorted(
+        (o for o in routes if is_managed(o)), key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"])
+    )
+    return {
+        "apiVersion": SCHEMA_VERSION,
+        "kind": "RolloutStatusList",
+        "generatedAt": ts(now),
+        "items": [route_document(o, now) for o in items],
+    }
 
 
 def single_document(obj: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now: datetime) -> dict[str, Any]:
-    return {"apiVersion": SCHEMA_VERSION, "kind": "RolloutStatus", "generatedAt": ts(now),
-            **route_document(obj, now, events=events)}
+    return {
+        "apiVersion": SCHEMA_VERSION,
+        "kind": "RolloutStatus",
+        "generatedAt": ts(now),
+        **route_document(obj, now, events=events),
+    }

@@ -10,17 +10,18 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from kubernetes_asyncio import client
 
-from canaryd.devstack import controlplane
-from canaryd.devstack.controlplane import StackInfo
 from canaryd.kube import new_client
+from devkit.devstack import controlplane
+from devkit.devstack.controlplane import StackInfo
 
-pytest_plugins = ["tests.plugin_prometheus"]
+pytest_plugins = ["tests.plugin_prometheus", "tests.daemons"]
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,22 @@ class Stack:
         return controlplane.mint_sa_kubeconfig(self.info, namespace, service_account, out)
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
-    directory = Path(tempfile.mkdtemp(prefix="canaryd-stack-"))
+@contextmanager
+def fresh_stack(prefix: str = "canaryd-stack-") -> Iterator[Stack]:
+    """A control plane of its own in a temporary directory, stopped and removed afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
     info = controlplane.start_control_plane(directory)
     try:
         yield Stack(info=info, kubeconfig=Path(info.kubeconfig), bin_dir=Path(info.bin_dir), dir=directory)
     finally:
         controlplane.stop_stack(directory)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    with fresh_stack() as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

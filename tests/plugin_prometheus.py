@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from canaryd.devstack.exporter import MetricsExporter
-from canaryd.devstack.prometheus import PrometheusServer
+from devkit.devstack.exporter import MetricsExporter
+from devkit.devstack.prometheus import PrometheusServer
 
 _jobs = itertools.count(1)
 

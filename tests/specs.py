@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from canaryd.spec import AnalysisSpec
+from canaryd.core.spec import AnalysisSpec
 
 BASE = AnalysisSpec(
     signals=("envoy",),
     window_s=60.0,
+    interval_s=10.0,
     success_rate_min=99.0,
     latency_max_ms=None,
     latency_quantile=0.99,
@@ -18,7 +19,7 @@ BASE = AnalysisSpec(
     on_inconclusive="pause",
     confidence=0.99,
     tolerance_pct=0.5,
-    failure_threshold=2,
+    failure_threshold=1,
     max_errors=3,
     app_id=None,
     stable_app_id=None,

@@ -13,26 +13,30 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import yaml
-from kubernetes_asyncio import client, watch
-from kubernetes_asyncio.client.exceptions import ApiException
 
-from canaryd import spec as ann
 from canaryd import status as render
+from canaryd.core import spec as ann
+from canaryd.core.admit import admit, is_managed
+from canaryd.core.backends import RouteRef
+from canaryd.core.decide import decide, ignored_reason
+from canaryd.core.spec import RolloutDefaults
+from canaryd.core.state import IntentRecord, Phase
 from canaryd.errors import CanarydError, ForbiddenError, KubeError, NotFoundError, RouteError
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client, translate
-from canaryd.routes import RouteRef
-from canaryd.state import IntentRecord, Phase, RolloutState
+from canaryd.kube import Api, new_client
+from canaryd.kube.api import MERGE_PATCH, kubeconfig_namespace, list_objects, lister, patch_route
+from canaryd.kube.api import get_route as _get_route
+from canaryd.kube.api import route_events as _route_events
+from canaryd.kube.informer import Informer, Key
+from canaryd.settings import Settings
 
 T = TypeVar("T")
 FIELD_MANAGER = "canaryd-cli"
 EXIT_OK, EXIT_FAILED, EXIT_TIMEOUT = 0, 1, 2
-SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 STATUS_EPILOG = """examples:
   canaryd status                       # managed routes in the current namespace
@@ -77,44 +81,66 @@ def _cluster_args(p: argparse.ArgumentParser, *, all_namespaces: bool = False) -
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("status", help="show rollouts", formatter_class=fmt, epilog=STATUS_EPILOG,
-                       description="List the routes canaryd manages, or show one in detail.")
+    p = sub.add_parser(
+        "status",
+        help="show rollouts",
+        formatter_class=fmt,
+        epilog=STATUS_EPILOG,
+        description="List the routes canaryd manages, or show one in detail.",
+    )
     p.add_argument("route", nargs="?", metavar="ROUTE", help="one HTTPRoute (detail view)")
     _cluster_args(p, all_namespaces=True)
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table", help="output format")
     p.add_argument("-w", "--watch", action="store_true", help="redraw on every change (a watch, not polling)")
-    p.add_argument("--wait", action="store_true", help="wait until ROUTE is Promoted (exit 0), RolledBack or "
-                                                       "Failed (exit 1)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="give up --wait/--watch after S seconds (exit 2 for --wait); default: no limit")
+    p.add_argument(
+        "--wait", action="store_true", help="wait until ROUTE is Promoted (exit 0), RolledBack or Failed (exit 1)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up --wait/--watch after S seconds (exit 2 for --wait); default: no limit",
+    )
     p.add_argument("--no-color", action="store_true", help="plain output even on a terminal (also NO_COLOR)")
     p.set_defaults(func=_status)
 
     for intent in ann.INTENTS:
         ip = sub.add_parser(
-            intent, help=INTENT_HELP[intent], formatter_class=fmt,
+            intent,
+            help=INTENT_HELP[intent],
+            formatter_class=fmt,
             description=f"{INTENT_HELP[intent].capitalize()}. Writes the {ann.INTENT}={intent} annotation; the "
-                        "controller applies it, removes it and records it in the route's state.",
+            "controller applies it, removes it and records it in the route's state.",
             epilog=f"examples:\n  canaryd {intent} whoami -n shop\n  canaryd {intent} whoami -n shop --wait "
-                   f"--timeout 120\n\nexit codes with --wait: 0 applied"
-                   + (f" and {'Promoted' if intent == 'promote' else 'RolledBack'}" if intent in ("promote", "abort")
-                      else "")
-                   + ", 1 ignored or failed, 2 timed out.")
+            f"--timeout 120\n\nexit codes with --wait: 0 applied"
+            + (f" and {'Promoted' if intent == 'promote' else 'RolledBack'}" if intent in ("promote", "abort") else "")
+            + ", 1 ignored or failed, 2 timed out.",
+        )
         ip.add_argument("route", metavar="ROUTE", help="the HTTPRoute")
         _cluster_args(ip)
-        ip.add_argument("--wait", action="store_true",
-                        help="follow until the controller has consumed the intent"
-                             + (" and the rollout is terminal" if intent in ("promote", "abort") else ""))
+        ip.add_argument(
+            "--wait",
+            action="store_true",
+            help="follow until the controller has consumed the intent"
+            + (" and the rollout is terminal" if intent in ("promote", "abort") else ""),
+        )
         ip.add_argument("--timeout", type=float, default=None, metavar="S", help="give up --wait after S seconds")
         ip.set_defaults(func=_intent, intent=intent)
 
-    cp = sub.add_parser("check", help="preflight a route before rolling out", formatter_class=fmt,
-                        description="Find everything that would stop ROUTE's rollout, without changing anything.",
-                        epilog=CHECK_EPILOG)
+    cp = sub.add_parser(
+        "check",
+        help="preflight a route before rolling out",
+        formatter_class=fmt,
+        description="Find everything that would stop ROUTE's rollout, without changing anything.",
+        epilog=CHECK_EPILOG,
+    )
     cp.add_argument("route", metavar="ROUTE", help="the HTTPRoute")
     _cluster_args(cp)
-    cp.add_argument("--prometheus-url", help="Prometheus for the analysis round "
-                                             "(default: CANARYD_PROMETHEUS__URL or the settings file)")
+    cp.add_argument(
+        "--prometheus-url",
+        help="Prometheus for the analysis round (default: CANARYD_PROMETHEUS__URL or the settings file)",
+    )
     cp.add_argument("--timeout", type=float, default=30.0, metavar="S", help="limit for the analysis round")
     cp.add_argument("--no-color", action="store_true", help="plain output even on a terminal")
     cp.set_defaults(func=_check)
@@ -122,22 +148,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 # --- connection --------------------------------------------------------------------------------
 def default_namespace(kubeconfig: str | None, context: str | None) -> str:
-    """The namespace of the kubeconfig context (kubectl's rule), the pod's own in-cluster, else 'default'."""
-    from kubernetes_asyncio.config import kube_config
-
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    if os.path.exists(path):
-        try:
-            contexts, active = kube_config.list_kube_config_contexts(config_file=path)
-        except Exception:
-            return "default"
-        chosen = next((c for c in contexts if c.get("name") == context), None) if context else active
-        ns = ((chosen or {}).get("context") or {}).get("namespace")
-        return str(ns) if ns else "default"
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(SA_NAMESPACE_FILE):
-        with open(SA_NAMESPACE_FILE) as f:
-            return f.read().strip() or "default"
-    return "default"
+    return kubeconfig_namespace(kubeconfig, context)
 
 
 def check_kubeconfig(kubeconfig: str | None) -> None:
@@ -147,144 +158,120 @@ def check_kubeconfig(kubeconfig: str | None) -> None:
         return
     files = [p for p in path.split(os.pathsep) if p]
     if files and not any(os.path.exists(p) for p in files):
-        raise KubeError(f"kubeconfig {path} (from {source}) does not exist; point {source} at your cluster's "
-                        "kubeconfig, e.g. the one 'canaryd devstack up' writes")
+        raise KubeError(
+            f"kubeconfig {path} (from {source}) does not exist; point {source} at your cluster's "
+            "kubeconfig, e.g. the one 'canaryd devstack up' writes"
+        )
 
 
-async def _connect(args: argparse.Namespace) -> tuple[client.ApiClient, str]:
+async def _connect(args: argparse.Namespace) -> tuple[Api, str]:
     check_kubeconfig(args.kubeconfig)
     api = await new_client(args.kubeconfig, args.context)
     return api, args.namespace or default_namespace(args.kubeconfig, args.context)
 
 
 def cli_error(exc: BaseException, what: str, *, ref: RouteRef | None = None) -> CanarydError:
-    """``translate`` with advice for a person at a terminal rather than for the controller."""
-    err = translate(exc, what)
+    """The boundary's error, with advice for a person at a terminal rather than for the controller."""
+    err = exc if isinstance(exc, CanarydError) else KubeError(f"{what}: {exc!r}")
     if isinstance(err, NotFoundError) and ref is not None:
-        return NotFoundError(f"httproute {ref.name} not found in namespace {ref.namespace}; check the name and "
-                             "-n/--namespace ('canaryd status -A' lists every managed route)")
-    if isinstance(err, ForbiddenError) and isinstance(exc, ApiException) and exc.status == 403:
-        reason = ""
-        try:
-            reason = str(json.loads(exc.body).get("message", "")) if exc.body else ""
-        except (ValueError, AttributeError):
-            reason = str(exc.reason)
-        return ForbiddenError(f"{what}: forbidden ({reason or exc.reason}); use --kubeconfig/--context with an "
-                              "identity allowed to do this, or ask a cluster admin to grant it")
+        return NotFoundError(
+            f"httproute {ref.name} not found in namespace {ref.namespace}; check the name and "
+            "-n/--namespace ('canaryd status -A' lists every managed route)"
+        )
+    if isinstance(err, ForbiddenError) and err.status == 403:
+        reason = str(err.body.get("message") or err)
+        return ForbiddenError(
+            f"{what}: forbidden ({reason}); use --kubeconfig/--context with an "
+            "identity allowed to do this, or ask a cluster admin to grant it"
+        )
     return err
 
 
-async def _api_call(what: str, coro: Any, ref: RouteRef | None = None) -> Any:
+async def get_route(api: Api, ref: RouteRef) -> dict[str, Any]:
     try:
-        return await coro
-    except Exception as exc:
-        raise cli_error(exc, what, ref=ref) from exc
-
-
-async def get_route(api: client.ApiClient, ref: RouteRef) -> dict[str, Any]:
-    co = client.CustomObjectsApi(api)
-    obj: dict[str, Any] = await _api_call(
-        f"get httproute {ref}",
-        co.get_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, ref.namespace, HTTPROUTES, ref.name), ref)
-    return obj
+        return await _get_route(api, ref.namespace, ref.name)
+    except CanarydError as exc:
+        raise cli_error(exc, f"get httproute {ref}", ref=ref) from exc
 
 
 def require_managed(obj: dict[str, Any], ref: RouteRef) -> None:
-    if not render.is_managed(obj):
-        raise RouteError(f"httproute {ref} is not managed by canaryd (no {ann.CANARY} annotation); annotate it, "
-                         f"e.g. kubectl annotate httproute {ref.name} -n {ref.namespace} {ann.CANARY}=<backend>")
+    if not is_managed(obj):
+        raise RouteError(
+            f"httproute {ref} is not managed by canaryd (no {ann.CANARY} annotation); annotate it, "
+            f"e.g. kubectl annotate httproute {ref.name} -n {ref.namespace} {ann.CANARY}=<backend>"
+        )
 
 
-async def list_routes(api: client.ApiClient, namespace: str | None, name: str | None = None
-                      ) -> tuple[list[dict[str, Any]], str]:
-    """Routes (of one namespace, or all with ``namespace=None``) and the list's resourceVersion."""
-    co = client.CustomObjectsApi(api)
-    kw: dict[str, Any] = {"field_selector": f"metadata.name={name}"} if name else {}
-    if namespace is None:
-        out = await _api_call("list httproutes in all namespaces",
-                              co.list_cluster_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, **kw))
-    else:
-        out = await _api_call(f"list httproutes in namespace {namespace}",
-                              co.list_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace,
-                                                               HTTPROUTES, **kw))
-    return list(out.get("items", [])), str(out["metadata"]["resourceVersion"])
-
-
-async def route_events(api: client.ApiClient, ref: RouteRef) -> list[dict[str, Any]]:
-    """core/v1 Events about the route; [] if the caller may not list Events."""
-    core = client.CoreV1Api(api)
+async def list_routes(api: Api, namespace: str | None) -> list[dict[str, Any]]:
     try:
-        evs = await _api_call(f"list events of httproute {ref}", core.list_namespaced_event(
-            ref.namespace, field_selector=f"involvedObject.kind=HTTPRoute,involvedObject.name={ref.name}"))
+        items, _ = await list_objects(api, "httproutes", namespace)
+    except CanarydError as exc:
+        raise cli_error(exc, "list httproutes") from exc
+    return items
+
+
+async def route_events(api: Api, ref: RouteRef) -> list[dict[str, Any]]:
+    """core/v1 Events about the route; [] if the caller may not list Events."""
+    try:
+        return await _route_events(api, ref.namespace, ref.name)
     except ForbiddenError:
         return []
-    return [api.sanitize_for_serialization(e) for e in evs.items]
 
 
-async def follow(api: client.ApiClient, namespace: str | None, name: str | None,
-                 on_change: Callable[[dict[tuple[str, str], dict[str, Any]]], T | None],
-                 timeout: float | None) -> T | None:
-    """List then watch HTTPRoutes; call ``on_change(cache)`` after the list and every event until it
-    returns something other than None (returned) or ``timeout`` passes (None)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    co = client.CustomObjectsApi(api)
+async def follow(
+    api: Api,
+    namespace: str | None,
+    name: str | None,
+    on_change: Callable[[dict[Key, dict[str, Any]]], T | None],
+    timeout: float | None,
+) -> T | None:
+    """Watch HTTPRoutes with the controller's informer; call ``on_change(cache)`` after the list and every
+    event until it returns something other than None (returned) or ``timeout`` passes (None)."""
+    got: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    informer: Informer
 
-    def key(o: dict[str, Any]) -> tuple[str, str]:
-        return (o["metadata"].get("namespace", ""), o["metadata"]["name"])
+    def changed(_key: Key, _obj: dict[str, Any] | None) -> None:
+        if got.done() or not informer.synced.is_set():
+            return
+        check(informer.cache)
 
-    async def run() -> T:
-        while True:  # (re)list, then watch from the list's resourceVersion
-            items, rv = await list_routes(api, namespace, name)
-            cache = {key(o): o for o in items}
-            got = on_change(cache)
-            if got is not None:
-                return got
-            while True:
-                if namespace is None:
-                    fn: Any = co.list_cluster_custom_object
-                    fargs: tuple[Any, ...] = (GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES)
-                else:
-                    fn = co.list_namespaced_custom_object
-                    fargs = (GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES)
-                kw: dict[str, Any] = {"field_selector": f"metadata.name={name}"} if name else {}
-                w = watch.Watch()
-                gone = False
-                try:
-                    async for ev in w.stream(fn, *fargs, resource_version=rv, timeout_seconds=290,
-                                             allow_watch_bookmarks=True, **kw):
-                        obj = ev.get("raw_object") or ev["object"]
-                        if ev["type"] == "ERROR":
-                            if obj.get("code") == 410:
-                                gone = True
-                                break
-                            raise KubeError(f"watch httproutes: {obj.get('message', 'watch error')}")
-                        rv = obj["metadata"].get("resourceVersion", rv)
-                        if ev["type"] == "BOOKMARK":
-                            continue
-                        if ev["type"] == "DELETED":
-                            cache.pop(key(obj), None)
-                        else:
-                            cache[key(obj)] = obj
-                        got = on_change(cache)
-                        if got is not None:
-                            return got
-                except ApiException as exc:
-                    if exc.status != 410:
-                        raise cli_error(exc, "watch httproutes") from exc
-                    gone = True
-                except (OSError, TimeoutError) as exc:
-                    raise cli_error(exc, "watch httproutes") from exc
-                finally:
-                    w.stop()
-                if gone:
-                    break
+    def check(cache: dict[Key, dict[str, Any]]) -> None:
+        try:
+            out = on_change(cache)
+        except BaseException as exc:  # the callback's own error ends the wait
+            got.set_exception(exc)
+            return
+        if out is not None:
+            got.set_result(out)
 
-    if deadline is None:
-        return await run()
+    fn, args = lister(api, "httproutes", namespace)
+    informer = Informer(
+        "httproutes",
+        fn,
+        args,
+        on_change=changed,
+        on_error="raise",
+        field_selector=f"metadata.name={name}" if name else None,
+    )
+    task = asyncio.create_task(informer.run(), name="follow httproutes")
+
+    async def first() -> None:
+        await informer.synced.wait()
+        if not got.done():
+            check(informer.cache)
+
+    starter = asyncio.create_task(first())
     try:
-        return await asyncio.wait_for(run(), max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        return None
+        waits: set[asyncio.Future[Any]] = {got, task}
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done and not got.done():
+            exc = task.exception()
+            raise cli_error(exc or KubeError("watch ended"), "watch httproutes")
+        return got.result() if got.done() else None
+    finally:
+        for t in (task, starter):
+            t.cancel()
+        await asyncio.gather(task, starter, return_exceptions=True)
 
 
 # --- status ------------------------------------------------------------------------------------
@@ -330,25 +317,32 @@ def _emit(text: str, *, redraw: bool) -> None:
     sys.stdout.flush()
 
 
-async def _status_list(api: client.ApiClient, namespace: str | None, args: argparse.Namespace, color: bool) -> int:
+async def _status_list(api: Api, namespace: str | None, args: argparse.Namespace, color: bool) -> int:
     def show(routes: list[dict[str, Any]], watching: bool) -> None:
         if args.output == "table":
-            _emit(render.render_list(routes, _now(), color=color) + ("\n" if watching and not color else ""),
-                  redraw=watching and color)
+            _emit(
+                render.render_list(routes, _now(), color=color) + ("\n" if watching and not color else ""),
+                redraw=watching and color,
+            )
         else:
-            _emit(dump(render.list_document(routes, _now()), args.output, compact=watching and args.output == "json")
-                  + ("---\n" if watching and args.output == "yaml" else ""), redraw=False)
+            _emit(
+                dump(render.list_document(routes, _now()), args.output, compact=watching and args.output == "json")
+                + ("---\n" if watching and args.output == "yaml" else ""),
+                redraw=False,
+            )
 
     if not args.watch:
-        routes, _ = await list_routes(api, namespace)
+        routes = await list_routes(api, namespace)
         show(routes, False)
         return EXIT_OK
     last: list[str] = []
 
     def changed(cache: dict[tuple[str, str], dict[str, Any]]) -> None:
-        managed = [o for o in cache.values() if render.is_managed(o)]
-        fingerprint = sorted(f"{o['metadata'].get('namespace')}/{o['metadata']['name']}@"
-                             f"{o['metadata'].get('resourceVersion')}" for o in managed)
+        managed = [o for o in cache.values() if is_managed(o)]
+        fingerprint = sorted(
+            f"{o['metadata'].get('namespace')}/{o['metadata']['name']}@{o['metadata'].get('resourceVersion')}"
+            for o in managed
+        )
         if fingerprint != last:
             last[:] = fingerprint
             show(managed, True)
@@ -365,7 +359,7 @@ def _terminal_code(phase: str) -> int | None:
     return None
 
 
-async def _status_route(api: client.ApiClient, ref: RouteRef, args: argparse.Namespace, color: bool) -> int:
+async def _status_route(api: Api, ref: RouteRef, args: argparse.Namespace, color: bool) -> int:
     obj = await get_route(api, ref)
     require_managed(obj, ref)
     if not args.watch and not args.wait:
@@ -389,8 +383,11 @@ async def _status_route(api: client.ApiClient, ref: RouteRef, args: argparse.Nam
             if args.output == "table":
                 _emit(render.render_list([cur], _now(), color=color) + ("" if color else "\n"), redraw=color)
             else:
-                _emit(dump(render.single_document(cur, [], _now()), args.output, compact=args.output == "json")
-                      + ("---\n" if args.output == "yaml" else ""), redraw=False)
+                _emit(
+                    dump(render.single_document(cur, [], _now()), args.output, compact=args.output == "json")
+                    + ("---\n" if args.output == "yaml" else ""),
+                    redraw=False,
+                )
         code = _terminal_code(render.RouteStatus.from_route(cur).phase) if args.wait else None
         if code is not None:
             outcome.append(code)
@@ -406,40 +403,51 @@ async def _status_route(api: client.ApiClient, ref: RouteRef, args: argparse.Nam
         if args.wait:
             cur = await get_route(api, ref)
             phase = render.RouteStatus.from_route(cur).phase
-            print(f"timed out after {args.timeout:g}s waiting for httproute {ref} to finish (phase {phase})",
-                  file=sys.stderr)
+            print(
+                f"timed out after {args.timeout:g}s waiting for httproute {ref} to finish (phase {phase})",
+                file=sys.stderr,
+            )
             return EXIT_TIMEOUT
         return EXIT_OK
     return got
 
 
 # --- intents -----------------------------------------------------------------------------------
-def predict(intent: str, st: RolloutState | None) -> str:
-    """What the controller will do with ``intent`` (mirrors canaryd.decide's intent rules)."""
+class _AssumeReady:
+    """Predictions are about the intent, not the endpoints: every backend counts as present and ready."""
+
+    def service_exists(self, namespace: str, name: str) -> bool:
+        return True
+
+    def service_ready(self, namespace: str, name: str) -> bool:
+        return True
+
+
+def predict(intent: str, obj: dict[str, Any], defaults: RolloutDefaults, now: datetime) -> str:
+    """What the controller will do with ``intent``: ``decide()`` itself, run on the route as annotated."""
+    meta = obj["metadata"]
+    annotated = {**obj, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), ann.INTENT: intent}}}
+    adm = admit(annotated, _AssumeReady(), defaults, now)
+    st = adm.facts.state
     if st is None:
         return "the controller has not started this rollout yet; it applies the intent when it does"
-    w = f"{st.stable} {100 - st.canary_weight} → {st.canary} {st.canary_weight}"
-    step = f"step {st.step + 1}/{len(st.steps)}" if st.steps else "the first step"
-    if intent == "promote":
-        if st.phase == Phase.PROMOTED:
-            return "already promoted: the controller will record the intent and change nothing"
-        return f"all traffic to {st.canary} now ({st.stable} 0 → {st.canary} 100), skipping the remaining steps " \
-               f"from {step}; phase becomes Promoted"
-    if intent == "abort":
-        if st.phase == Phase.ROLLED_BACK:
-            return "already rolled back: the controller will record the intent and change nothing"
-        return f"roll back now: all traffic to {st.stable} ({st.stable} 100 → {st.canary} 0); phase becomes RolledBack"
-    if intent == "pause":
-        if st.phase.terminal or st.phase == Phase.PAUSED:
-            return f"the rollout is {st.phase.value}: the controller will record the intent as ignored"
-        return f"hold at {step} ({w}) until 'canaryd resume'"
-    if intent == "resume":
-        if st.phase != Phase.PAUSED:
-            return f"the rollout is {st.phase.value}, not Paused: the controller will record the intent as ignored"
-        return f"continue from {step} ({w}) with a fresh analysis window"
-    if st.phase not in (Phase.ROLLED_BACK, Phase.FAILED):
-        return f"the rollout is {st.phase.value}: retry needs a rolled-back or failed rollout; it will be ignored"
-    return f"restart {st.canary} from the first step ({st.steps[0] if st.steps else 0}%)"
+    if adm.facts.intent is None:
+        return "the controller cannot read the intent and will ignore it"
+    if adm.facts.error is not None:
+        return f"the route cannot be rolled out as annotated ({adm.facts.error}); the intent will not change weights"
+    why = ignored_reason(adm.facts.intent, st.phase)
+    if why is not None:
+        return f"{why}: the controller will record the intent as ignored and change nothing"
+    d = decide(adm.facts)
+    new = d.state or st
+    parts = []
+    if d.canary_pct is not None:
+        parts.append(f"weights become {new.stable} {100 - d.canary_pct} → {new.canary} {d.canary_pct}")
+    parts.append(
+        f"phase becomes {new.phase.value}"
+        + (f" at step {new.step + 1}/{len(new.steps)}" if new.steps and new.step >= 0 else "")
+    )
+    return "; ".join(parts)
 
 
 def _intent(args: argparse.Namespace) -> int:
@@ -454,7 +462,7 @@ async def _intent_async(args: argparse.Namespace) -> int:
         await api.close()
 
 
-async def _apply_intent(api: client.ApiClient, ref: RouteRef, intent: str, wait: bool, timeout: float | None) -> int:
+async def _apply_intent(api: Api, ref: RouteRef, intent: str, wait: bool, timeout: float | None) -> int:  # noqa: C901 - one linear CLI flow: read, predict, patch, follow
     obj = await get_route(api, ref)
     a: dict[str, str] = obj["metadata"].get("annotations") or {}
     if ann.CANARY not in a:
@@ -465,12 +473,18 @@ async def _apply_intent(api: client.ApiClient, ref: RouteRef, intent: str, wait:
     before: tuple[IntentRecord, ...] = rs.state.intents if rs.state else ()
     if rs.pending_intent:
         print(f"replacing the pending intent {rs.pending_intent!r} (not yet applied)")
-    print(f"{intent} httproute {ref}: {predict(intent, rs.state)}")
-    co = client.CustomObjectsApi(api)
-    merge: dict[str, Any] = {"_content_type": "application/merge-patch+json"}  # metadata.annotations only
-    await _api_call(f"patch httproute {ref}", co.patch_namespaced_custom_object(
-        GATEWAY_GROUP, GATEWAY_VERSION, ref.namespace, HTTPROUTES, ref.name,
-        {"metadata": {"annotations": {ann.INTENT: intent}}}, field_manager=FIELD_MANAGER, **merge), ref)
+    print(f"{intent} httproute {ref}: {predict(intent, obj, Settings().defaults, _now())}")
+    try:  # a merge patch of metadata.annotations only: nothing else of the route is sent
+        await patch_route(
+            api,
+            ref.namespace,
+            ref.name,
+            {"metadata": {"annotations": {ann.INTENT: intent}}},
+            field_manager=FIELD_MANAGER,
+            content_type=MERGE_PATCH,
+        )
+    except CanarydError as exc:
+        raise cli_error(exc, f"patch httproute {ref}", ref=ref) from exc
     print(f"annotated {ann.INTENT}={intent}; the controller applies it on its next reconcile")
     if not wait:
         return EXIT_OK
@@ -487,8 +501,9 @@ async def _apply_intent(api: client.ApiClient, ref: RouteRef, intent: str, wait:
         st = now.state
         new = [r for r in (st.intents if st else ()) if r not in before and r.intent == intent]
         if st is None or not new:
-            return EXIT_FAILED, (f"the controller removed the intent without applying it (phase {now.phase}: "
-                                 f"{render.message_of(now)})")
+            return EXIT_FAILED, (
+                f"the controller removed the intent without applying it (phase {now.phase}: {render.message_of(now)})"
+            )
         result = new[-1].result
         if intent in ("promote", "abort"):
             want = Phase.PROMOTED if intent == "promote" else Phase.ROLLED_BACK
@@ -498,8 +513,11 @@ async def _apply_intent(api: client.ApiClient, ref: RouteRef, intent: str, wait:
 
     got = await follow(api, ref.namespace, ref.name, consumed, timeout)
     if got is None:
-        print(f"timed out after {timeout:g}s: the intent is still pending on httproute {ref}; is the canaryd "
-              "controller running?", file=sys.stderr)
+        print(
+            f"timed out after {timeout:g}s: the intent is still pending on httproute {ref}; is the canaryd "
+            "controller running?",
+            file=sys.stderr,
+        )
         return EXIT_TIMEOUT
     code, text = got
     print(text, file=sys.stdout if code == EXIT_OK else sys.stderr)
@@ -522,14 +540,18 @@ def format_report(report: Any, color: bool) -> str:
     if report.judgements:
         lines.append(f"analysis now (Prometheus {report.prometheus_url}):")
         for j in report.judgements:
+
             def stats(who: str, s: Any) -> str:
                 if s is None:
                     return f"{who} -"
                 rate = "-" if s.success_rate is None else f"{s.success_rate:.3f}".rstrip("0").rstrip(".") + "%"
                 lat = "" if s.latency_ms is None else f", {s.latency_ms:.1f}ms"
                 return f"{who} {round(s.requests):,} req, {rate} success{lat}"
-            lines.append(f"  {j.signal}: {stats('canary', j.canary)}; {stats('stable', j.stable)} "
-                         f"-> judge: {j.verdict.value} ({j.reason})")
+
+            lines.append(
+                f"  {j.signal}: {stats('canary', j.canary)}; {stats('stable', j.stable)} "
+                f"-> judge: {j.verdict.value} ({j.reason})"
+            )
     problems = report.problems
     if problems:
         lines.append(f"{len(problems)} problem{'s' if len(problems) != 1 else ''}:")
@@ -541,14 +563,14 @@ def format_report(report: Any, color: bool) -> str:
 
 async def _check_async(args: argparse.Namespace) -> int:
     from canaryd.preflight import preflight
-    from canaryd.settings import Settings
 
     api, ns = await _connect(args)
     try:
         ref = RouteRef(ns, args.route)
         try:
-            report = await preflight(api, ref, settings=Settings(), prometheus_url=args.prometheus_url,
-                                     timeout_s=args.timeout)
+            report = await preflight(
+                api, ref, settings=Settings(), now=_now(), prometheus_url=args.prometheus_url, timeout_s=args.timeout
+            )
         except CanarydError:
             raise
         except Exception as exc:

@@ -47,7 +47,7 @@ async def run_daemon(settings: Settings) -> int:
     from canaryd import logs
     from canaryd.engine import Engine
     from canaryd.kube import new_client
-    from canaryd.leader import LeaderElector
+    from canaryd.kube.leader import LeaderElector
     from canaryd.observability import Metrics, serve
 
     logs.configure(settings.log_format, settings.log_level)
@@ -107,18 +107,7 @@ async def run_daemon(settings: Settings) -> int:
             metrics.leader.set(1)
         engine_task = asyncio.create_task(engine.run(), name="engine")
         tasks.append(engine_task)
-        watch = [asyncio.create_task(stop.wait(), name="stop")]
-        if elector is not None:
-            watch.append(asyncio.create_task(elector.lost.wait(), name="lost"))
-        done, _pending = await asyncio.wait({engine_task, *watch}, return_when=asyncio.FIRST_COMPLETED)
-        for t in watch:
-            t.cancel()
-        if engine_task in done:
-            rc = 1
-            engine_task.result()  # an informer died: surface it
-        elif elector is not None and elector.lost.is_set():
-            log.error("leadership_lost_exiting")
-            rc = 1
+        rc = await _supervise([t for t in tasks if t is engine_task or t.get_name() == "leader"], stop, elector)
     finally:
         for t in tasks:
             t.cancel()
@@ -135,6 +124,27 @@ async def run_daemon(settings: Settings) -> int:
         await api.close()
         log.info("stopped", rc=rc)
     return rc
+
+
+async def _supervise(roots: list[asyncio.Task[Any]], stop: asyncio.Event, elector: Any) -> int:
+    """Wait for shutdown; a root task must run until then: if one ends, say which and why, and return 1."""
+    log = structlog.get_logger("canaryd")
+    watch = [asyncio.create_task(stop.wait(), name="stop")]
+    if elector is not None:
+        watch.append(asyncio.create_task(elector.lost.wait(), name="lost"))
+    done, _pending = await asyncio.wait({*roots, *watch}, return_when=asyncio.FIRST_COMPLETED)
+    for t in watch:
+        t.cancel()
+    ended = [t for t in roots if t in done]
+    for t in ended:
+        exc = None if t.cancelled() else t.exception()
+        log.error("root_task_ended", task=t.get_name(), error=repr(exc) if exc else "returned", exc_info=exc)
+    if ended:
+        return 1
+    if elector is not None and elector.lost.is_set():
+        log.error("leadership_lost_exiting")
+        return 1
+    return 0
 
 
 def _analyzer(settings: Settings) -> Any:

@@ -2,7 +2,7 @@
 
 Owns: PromQL construction and escaping (``promql``), the Prometheus HTTP client
 (``prometheus``), one module per signal (``envoy``, ``dapr``, ``custom``) and the batching
-``PrometheusAnalyzer`` (``analyzer``). Must not: decide verdicts (that is ``canaryd.judge``),
+``PrometheusAnalyzer`` (``analyzer``). Must not: decide verdicts (that is ``canaryd.core.judge``),
 touch Kubernetes, or place an unvalidated annotation value in a query.
 """
 

@@ -24,9 +24,8 @@ from typing import Any
 
 import structlog
 
-from canaryd.analysis import AnalysisTarget, Judgement, Observation
+from canaryd.core.analysis import AnalysisTarget, Observation
 from canaryd.errors import MetricsError
-from canaryd.judge import judge
 from canaryd.metrics import custom
 from canaryd.metrics.base import BatchedSignal, batch_key, measure
 from canaryd.metrics.dapr import DaprSignal
@@ -83,9 +82,9 @@ class PrometheusAnalyzer:
         self._answers: dict[Hashable, list[_Answer]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def analyze(self, target: AnalysisTarget) -> list[Judgement]:
+    async def analyze(self, target: AnalysisTarget) -> list[Observation]:
         observations = await asyncio.gather(*(self.observe(s, target) for s in target.spec.signals))
-        return [judge(o, target.spec) for o in observations]
+        return list(observations)
 
     async def observe(self, signal: str, target: AnalysisTarget) -> Observation:
         try:

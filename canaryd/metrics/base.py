@@ -6,7 +6,7 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from canaryd.analysis import AnalysisTarget, Observation
+from canaryd.core.analysis import AnalysisTarget, Observation
 from canaryd.metrics.prometheus import PrometheusClient
 
 P = TypeVar("P")
@@ -81,6 +81,27 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
                 return le
             return start + (le - start) * (rank - below) / in_bucket
     return None
+
+
+def slow_fraction(limit: float, buckets: Mapping[float, float]) -> float | None:
+    """The fraction of observations slower than ``limit``, from cumulative buckets keyed by ``le``.
+
+    The limit is rounded UP to the nearest bucket edge (a request is counted slow only when it
+    is above an edge at or beyond the limit), so the count never blames the canary for requests
+    a bucket cannot place; docs/analysis.md says how to align a limit with the buckets. None when
+    there is no observation or no edge at or above the limit.
+    """
+    if not buckets or math.inf not in buckets:
+        return None
+    total = max(buckets.values())
+    if total <= 0:
+        return None
+    edges = [le for le in sorted(buckets) if le >= limit]
+    if not edges:
+        return None
+    # Cumulative counts are monotonic in ``le``; scraped rates may wobble, so take the largest below.
+    at_edge = max(v for le, v in buckets.items() if le <= edges[0])
+    return min(max((total - at_edge) / total, 0.0), 1.0)
 
 
 def parse_le(raw: str) -> float | None:

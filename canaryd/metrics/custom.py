@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from canaryd.analysis import AnalysisTarget, BackendStats, Observation
+from canaryd.core.analysis import AnalysisTarget, BackendStats, Observation
 from canaryd.errors import MetricsError
 from canaryd.metrics import promql
 from canaryd.metrics.prometheus import PrometheusClient
@@ -35,7 +35,7 @@ VARIABLES = frozenset(
     {"namespace", "route", "service", "port", "stable", "canary", "backend", "app_id", "window", "quantile"}
 )
 _KEYS = ("requests", "errors", "latency_ms")
-# What ``custom:<name>`` accepts in canaryd.io/analysis (see canaryd.spec).
+# What ``custom:<name>`` accepts in canaryd.io/analysis (see canaryd.core.spec).
 _TEMPLATE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_]{0,61}[a-z0-9])?$")
 
 

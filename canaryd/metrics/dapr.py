@@ -20,10 +20,10 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from canaryd.analysis import AnalysisTarget, BackendStats, Observation
+from canaryd.core.analysis import AnalysisTarget, BackendStats, Observation
 from canaryd.errors import MetricsError
 from canaryd.metrics import promql
-from canaryd.metrics.base import histogram_quantile, parse_le
+from canaryd.metrics.base import histogram_quantile, parse_le, slow_fraction
 from canaryd.metrics.prometheus import PrometheusClient
 
 SENT = "dapr_runtime_service_invocation_req_sent_total"
@@ -38,6 +38,7 @@ class DaprTarget:
     stable: str | None
     caller: str | None  # only responses seen by this caller app-id; None = all callers
     quantile: float
+    latency_max_ms: float | None = None
 
 
 Pairs = Iterator[tuple[Mapping[str, str], float]]
@@ -91,6 +92,7 @@ class DaprSignal:
             stable=promql.safe_label("stable_app_id", spec.stable_app_id) if spec.stable_app_id else None,
             caller=promql.safe_label("caller_app_id", spec.caller_app_id) if spec.caller_app_id else None,
             quantile=spec.latency_quantile,
+            latency_max_ms=spec.latency_max_ms,
         )
 
     def scope(self, items: Sequence[DaprTarget]) -> frozenset[str]:
@@ -124,7 +126,7 @@ class DaprSignal:
         return self.match(await self.fetch(client, window_s, self.scope(items)), items)
 
     def match(self, index: DaprIndex, items: Sequence[DaprTarget]) -> list[Observation]:
-        def stats(callee: str, caller: str | None, quantile: float) -> BackendStats:
+        def stats(callee: str, caller: str | None, quantile: float, limit: float | None) -> BackendStats:
             def pick(by_caller: dict[str, float]) -> float:
                 if caller is None:
                     return sum(by_caller.values())
@@ -139,13 +141,15 @@ class DaprSignal:
                         merged[le] = merged.get(le, 0.0) + v
             # In-flight requests at the window edges can make ok > sent by a little.
             errors = max(sent_n - ok_n, 0.0)
-            return BackendStats(sent_n, errors, histogram_quantile(quantile, merged))
+            frac = None if limit is None else slow_fraction(limit, merged)
+            slow = None if frac is None else frac * sent_n
+            return BackendStats(sent_n, errors, histogram_quantile(quantile, merged), slow)
 
         return [
             Observation(
                 self.name,
-                canary=stats(t.canary, t.caller, t.quantile),
-                stable=stats(t.stable, t.caller, t.quantile) if t.stable else None,
+                canary=stats(t.canary, t.caller, t.quantile, t.latency_max_ms),
+                stable=stats(t.stable, t.caller, t.quantile, t.latency_max_ms) if t.stable else None,
             )
             for t in items
         ]

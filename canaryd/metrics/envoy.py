@@ -20,10 +20,10 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from canaryd.analysis import AnalysisTarget, BackendStats, Observation
+from canaryd.core.analysis import AnalysisTarget, BackendStats, Observation
 from canaryd.errors import MetricsError
 from canaryd.metrics import promql
-from canaryd.metrics.base import histogram_quantile, parse_le
+from canaryd.metrics.base import histogram_quantile, parse_le, slow_fraction
 from canaryd.metrics.prometheus import PrometheusClient
 from canaryd.settings import PrometheusSettings
 
@@ -51,6 +51,7 @@ class EnvoyTarget:
     namespace: str
     stable_name: str  # literal backend names: a cheap pre-filter before the regex
     canary_name: str
+    latency_max_ms: float | None = None
 
 
 def cluster_pattern(template: str, *, namespace: str, service: str, port: int, parent: str) -> str:
@@ -164,6 +165,7 @@ class EnvoySignal:
             namespace=promql.safe_label("namespace", target.namespace),
             stable_name=target.stable,
             canary_name=target.canary,
+            latency_max_ms=target.spec.latency_max_ms,
         )
 
     def scope(self, items: Sequence[EnvoyTarget]) -> frozenset[str]:
@@ -217,11 +219,11 @@ class EnvoySignal:
         return index.names
 
     def match(self, index: EnvoyIndex, items: Sequence[EnvoyTarget]) -> list[Observation]:
-        cache: dict[tuple[float, str], BackendStats] = {}
+        cache: dict[tuple[float, float | None, str], BackendStats] = {}
         empty: dict[float, float] = {}
 
-        def stats(pattern: str, literal: str, quantile: float) -> BackendStats:
-            key = (quantile, pattern)
+        def stats(pattern: str, literal: str, quantile: float, limit: float | None) -> BackendStats:
+            key = (quantile, limit, pattern)
             hit = cache.get(key)
             if hit is not None:
                 return hit
@@ -240,14 +242,17 @@ class EnvoySignal:
                 for n in matched:
                     for le, v in index.buckets.get(n, empty).items():
                         merged[le] = merged.get(le, 0.0) + v
-            out = cache[key] = BackendStats(req, err, histogram_quantile(quantile, merged))
+            frac = None if limit is None else slow_fraction(limit, merged)
+            out = cache[key] = BackendStats(
+                req, err, histogram_quantile(quantile, merged), None if frac is None else frac * req
+            )
             return out
 
         return [
             Observation(
                 self.name,
-                canary=stats(t.canary, t.canary_name if self._named else "", t.quantile),
-                stable=stats(t.stable, t.stable_name if self._named else "", t.quantile),
+                canary=stats(t.canary, t.canary_name if self._named else "", t.quantile, t.latency_max_ms),
+                stable=stats(t.stable, t.stable_name if self._named else "", t.quantile, t.latency_max_ms),
             )
             for t in items
         ]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from canaryd.analysis import AnalysisTarget, Judgement, Verdict
-from canaryd.devstack.exporter import MetricsExporter
-from canaryd.devstack.prometheus import PrometheusServer
+from canaryd.core.analysis import AnalysisTarget, Judgement, Verdict
 from canaryd.errors import MetricsError
 from canaryd.metrics import PrometheusAnalyzer
 from canaryd.metrics.envoy import EnvoySignal
 from canaryd.settings import PrometheusSettings
+from devkit.devstack.exporter import MetricsExporter
+from devkit.devstack.prometheus import PrometheusServer
 from tests.specs import analysis_spec
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ def test_smoke_bench_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
     # A subprocess: the bench owns its event loop, control plane and Prometheus.
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "devkit.bench.run", "--smoke", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

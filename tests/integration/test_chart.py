@@ -2,7 +2,7 @@
 RBAC, the settings it hands the daemon (loaded with the real ``Settings``), PromQL validity,
 and a server-side dry-run plus an RBAC proof against the real apiserver of the devstack.
 
-helm and kubectl come from ``canaryd.devstack.binaries.bin_dir()`` (built from Go modules);
+helm and kubectl come from ``devkit.devstack.binaries.bin_dir()`` (built from Go modules);
 promtool from Debian's prometheus package (hack/install-prometheus.sh). Nothing skips.
 """
 
@@ -22,8 +22,9 @@ import jsonschema
 import pytest
 import yaml
 
-from canaryd.devstack.binaries import bin_dir
-from canaryd.settings import PrometheusSettings, RolloutDefaults, Settings
+from canaryd.core.spec import RolloutDefaults
+from canaryd.settings import PrometheusSettings, Settings
+from devkit.devstack.binaries import bin_dir
 from tests.conftest import Stack
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,9 +15,9 @@ import os
 
 import pytest
 
-from canaryd.demo.loadgen import NO_BACKEND
-from canaryd.demo.run import VERSIONS, DemoConfig, run_demo
-from canaryd.devstack.prometheus import PrometheusServer
+from devkit.demo.loadgen import NO_BACKEND
+from devkit.demo.run import VERSIONS, DemoConfig, run_demo
+from devkit.devstack.prometheus import PrometheusServer
 from tests.conftest import Stack
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,10 @@ def _alive(pid: int) -> bool:
 
 
 async def test_demo_promotes_good_and_rolls_back_bad(
-    stack: Stack, prometheus: PrometheusServer, namespace: str, tmp_path_factory: pytest.TempPathFactory,
+    stack: Stack,
+    prometheus: PrometheusServer,
+    namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     cfg = DemoConfig(
         namespace=namespace,
@@ -68,7 +71,8 @@ async def test_demo_promotes_good_and_rolls_back_bad(
         for backend in s.weights:
             assert s.within(backend), (
                 f"{s.label}: {backend} served {s.observed(backend):.3f}, expected {s.expected(backend):.3f} "
-                f"± {s.tolerance(backend):.3f} over {s.n} requests")
+                f"± {s.tolerance(backend):.3f} over {s.n} requests"
+            )
     # The weight-0 and weight-100 stretches were checked exactly: they are there.
     assert any(s.weights == {"whoami-v2": 100, "whoami-v3": 0} and s.n > 0 for s in measured)
     assert any(s.weights.get("whoami-v2") == 20 and s.n >= 100 for s in measured)

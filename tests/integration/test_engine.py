@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client, watch
 
-from canaryd import spec as ann
+from canaryd.core import spec as ann
+from canaryd.core.state import Phase, RolloutState
 from canaryd.engine import Engine
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
-from canaryd.state import Phase, RolloutState
 from tests.kubeobjects import (
     create_backend,
     create_route,

@@ -9,7 +9,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from canaryd.informer import Informer, Key, raw
+from canaryd.kube.informer import Informer, Key, raw
 from tests.conftest import Stack
 from tests.kubeobjects import eventually
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
-from canaryd import spec as ann
-from canaryd.devstack.exporter import MetricsExporter
-from canaryd.devstack.prometheus import PrometheusServer
+from canaryd.core import spec as ann
+from canaryd.core.state import Phase, RolloutState
 from canaryd.engine import Engine
-from canaryd.state import Phase, RolloutState
+from devkit.devstack.exporter import MetricsExporter
+from devkit.devstack.prometheus import PrometheusServer
 from tests.kubeobjects import (
     create_backend,
     create_route,

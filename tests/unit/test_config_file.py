@@ -13,7 +13,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from canaryd.settings import PrometheusSettings, RolloutDefaults, Settings
+from canaryd.core.spec import RolloutDefaults
+from canaryd.settings import PrometheusSettings, Settings
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "canaryd.yaml"
 # Fields left out of the file on purpose, each documented there in a comment.

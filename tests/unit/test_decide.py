@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from canaryd import spec as ann
-from canaryd.analysis import BackendStats, Judgement, Verdict
-from canaryd.decide import Decision, Facts, decide
-from canaryd.settings import RolloutDefaults
-from canaryd.state import Phase, RolloutState
+from canaryd.core import spec as ann
+from canaryd.core.analysis import BackendStats, Observation, Verdict
+from canaryd.core.decide import Decision, Facts, decide
+from canaryd.core.spec import RolloutDefaults
+from canaryd.core.state import Phase, RolloutState
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -32,16 +32,16 @@ def run(s: ann.RolloutSpec, state: RolloutState | None, now: datetime, **kw: obj
     return decide(Facts(now=now, spec=s, stable="v1", error=None, state=state, **kw))  # type: ignore[arg-type]
 
 
-def j(verdict: Verdict) -> list[Judgement]:
-    return [
-        Judgement(
-            signal="envoy",
-            verdict=verdict,
-            reason=verdict.value,
-            canary=BackendStats(1000, 50),
-            stable=BackendStats(1000, 1),
-        )
-    ]
+ROUND = {  # one round's counts that give each verdict on a fresh tally
+    Verdict.FAIL: Observation("envoy", BackendStats(1000, 500), BackendStats(1000, 1)),
+    Verdict.PASS: Observation("envoy", BackendStats(1000, 0), BackendStats(1000, 0)),
+    Verdict.INCONCLUSIVE: Observation("envoy", BackendStats(5, 0), BackendStats(1000, 0)),
+    Verdict.ERROR: Observation("envoy", None, None, error="Prometheus down"),
+}
+
+
+def j(verdict: Verdict) -> list[Observation]:
+    return [ROUND[verdict]]
 
 
 def test_time_based_progression_and_waits() -> None:
@@ -61,9 +61,9 @@ def test_analysis_fail_threshold_then_rollback() -> None:
     st1 = run(s, None, T0).state
     due = T0 + timedelta(seconds=10)
     assert run(s, st1, due).analyze
-    d = run(s, st1, due, judgements=j(Verdict.FAIL))
+    d = run(s, st1, due, observations=j(Verdict.FAIL))
     assert d.canary_pct is None and d.state is not None and d.state.failures == 1
-    d = run(s, d.state, due + timedelta(seconds=10), judgements=j(Verdict.FAIL))
+    d = run(s, d.state, due + timedelta(seconds=10), observations=j(Verdict.FAIL))
     assert d.canary_pct == 0 and d.state is not None and d.state.phase == Phase.ROLLED_BACK
     assert any(e.reason == "RolledBack" for e in d.events)
 
@@ -74,7 +74,7 @@ def test_inconclusive_pauses_after_limit() -> None:
     now = T0
     for _ in range(2):
         now += timedelta(seconds=10)
-        d = run(s, state, now, judgements=j(Verdict.INCONCLUSIVE))
+        d = run(s, state, now, observations=j(Verdict.INCONCLUSIVE))
         state = d.state
         assert d.canary_pct is None
     assert state is not None and state.phase == Phase.PAUSED
@@ -108,7 +108,7 @@ def test_never_skips_or_repeats_a_step(verdicts: list[Verdict], ready: list[bool
         v = verdicts[i] if i < len(verdicts) else Verdict.PASS
         d = run(s, state, now, canary_ready=r)
         if d.analyze:
-            d = run(s, state, now, canary_ready=r, judgements=j(v))
+            d = run(s, state, now, canary_ready=r, observations=j(v))
         if d.canary_pct is not None:
             written.append(d.canary_pct)
         if d.state is not None:
@@ -121,3 +121,48 @@ def test_never_skips_or_repeats_a_step(verdicts: list[Verdict], ready: list[bool
     assert all(w in (0, 10, 50, 100) for w in written)
     if written and written[-1] == 0:
         assert state is not None and state.phase == Phase.ROLLED_BACK
+
+
+def test_a_clear_regression_rolls_back_mid_step() -> None:
+    s = spec(analysis="envoy", interval="60s", analysis_interval="10s")
+    d = run(s, None, T0)
+    assert d.canary_pct == 10 and d.wake_at == T0 + timedelta(seconds=10)  # the first round, not the step's end
+    at = T0 + timedelta(seconds=10)
+    m = run(s, d.state, at)
+    assert m.analyze and m.window_s == 10
+    d = run(s, d.state, at, observations=j(Verdict.FAIL))
+    assert d.canary_pct == 0 and d.state is not None and d.state.phase == Phase.ROLLED_BACK
+
+
+def test_rounds_inside_a_step_then_advance_at_its_end() -> None:
+    s = spec(analysis="envoy", interval="30s", analysis_interval="10s")
+    state = run(s, None, T0).state
+    written = []
+    now = T0
+    for _ in range(3):
+        now += timedelta(seconds=10)
+        d = run(s, state, now, observations=j(Verdict.PASS))
+        state = d.state
+        written.append(d.canary_pct)
+    assert written == [None, None, 50]  # the step advances only at its end
+
+
+def test_a_paused_bad_canary_is_rolled_back() -> None:
+    s = spec(analysis="envoy", interval="10s", max_inconclusive="1")
+    state = run(s, None, T0).state
+    d = run(s, state, T0 + timedelta(seconds=10), observations=j(Verdict.INCONCLUSIVE))
+    assert d.state is not None and d.state.phase == Phase.PAUSED
+    d = run(s, d.state, T0 + timedelta(seconds=20), observations=j(Verdict.FAIL))
+    assert d.canary_pct == 0 and d.state is not None and d.state.phase == Phase.ROLLED_BACK
+    assert any(e.reason == "RolledBackWhilePaused" for e in d.events)
+
+
+def test_evidence_survives_a_restart_through_the_annotation() -> None:
+    s = spec(analysis="envoy", interval="10s", min_requests="100")
+    state = run(s, None, T0).state
+    d = run(s, state, T0 + timedelta(seconds=10), observations=j(Verdict.INCONCLUSIVE))
+    assert d.state is not None
+    stored = RolloutState.from_annotation(d.state.to_annotation())  # what a new process reads back
+    assert stored.tallies == d.state.tallies and stored.tallies["envoy"][0] == 5
+    d2 = run(s, stored, T0 + timedelta(seconds=20), observations=j(Verdict.INCONCLUSIVE))
+    assert d2.state is not None and d2.state.tallies["envoy"][0] == 10

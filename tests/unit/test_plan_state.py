@@ -3,12 +3,15 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from canaryd.plan import pair_scale, weights_at
-from canaryd.state import AnalysisRecord, IntentRecord, Phase, RolloutState
+from canaryd.core.plan import pair_scale, weights_at
+from canaryd.core.state import AnalysisRecord, IntentRecord, Phase, RolloutState
 
 
-@given(st.integers(min_value=0, max_value=100), st.integers(min_value=0, max_value=500_000),
-       st.integers(min_value=0, max_value=500_000))
+@given(
+    st.integers(min_value=0, max_value=100),
+    st.integers(min_value=0, max_value=500_000),
+    st.integers(min_value=0, max_value=500_000),
+)
 def test_weights_keep_the_pair_total(pct: int, stable: int, canary: int) -> None:
     scale = pair_scale(stable, canary)
     w = weights_at(pct, scale)
@@ -23,9 +26,18 @@ def test_scale_examples() -> None:
 
 
 def test_state_roundtrip_and_trimming() -> None:
-    s = RolloutState(phase=Phase.PROGRESSING, canary="v2", stable="v1", steps=(10, 100), step=0, canary_weight=10,
-                     started_at="2026-01-01T00:00:00.000Z", step_started_at="2026-01-01T00:00:00.000Z",
-                     updated_at="2026-01-01T00:00:00.000Z", next_at="2026-01-01T00:01:00.000Z")
+    s = RolloutState(
+        phase=Phase.PROGRESSING,
+        canary="v2",
+        stable="v1",
+        steps=(10, 100),
+        step=0,
+        canary_weight=10,
+        started_at="2026-01-01T00:00:00.000Z",
+        step_started_at="2026-01-01T00:00:00.000Z",
+        updated_at="2026-01-01T00:00:00.000Z",
+        next_at="2026-01-01T00:01:00.000Z",
+    )
     for i in range(20):
         s = s.add_record(AnalysisRecord(step=0, at="t", verdict="pass", signal="envoy", reason=str(i)))
         s = s.add_intent(IntentRecord(intent="pause", at="t", result="applied"))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from canaryd.analysis import AnalysisTarget, BackendStats
+from canaryd.core.analysis import AnalysisTarget, BackendStats
 from canaryd.errors import MetricsError
 from canaryd.metrics import promql
 from canaryd.metrics.base import histogram_quantile

@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from canaryd import spec as ann
+from canaryd.core import spec as ann
+from canaryd.core.spec import RolloutDefaults
 from canaryd.errors import SpecError
-from canaryd.settings import RolloutDefaults
 
 D = RolloutDefaults()
 

@@ -10,14 +10,14 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from canaryd.demo.dataplane import (
+from devkit.demo.dataplane import (
     DataPlaneStats,
     build_table,
     choose_backend,
     local_backend_objects,
 )
-from canaryd.demo.loadgen import run_load
-from canaryd.demo.whoami import ErrorSchedule, Whoami, WhoamiConfig
+from devkit.demo.loadgen import run_load
+from devkit.demo.whoami import ErrorSchedule, Whoami, WhoamiConfig
 
 
 async def test_whoami_answers_like_traefik_whoami() -> None:
@@ -48,8 +48,15 @@ def test_error_schedule_is_exact_and_spread() -> None:
 async def test_loadgen_counts_status_latency_and_timeline() -> None:
     cfg = WhoamiConfig(name="v3", error_ratio=0.25, latency_ms=20)
     async with Whoami(cfg) as w:
-        res = await run_load(w.url + "/", rate=100, duration_s=2.0, concurrency=8,
-                             backend_header="x-whoami-name", timeline=True, keep_results=True)
+        res = await run_load(
+            w.url + "/",
+            rate=100,
+            duration_s=2.0,
+            concurrency=8,
+            backend_header="x-whoami-name",
+            timeline=True,
+            keep_results=True,
+        )
     assert res.sent == 200 and res.answered == 200 and res.errors == 0
     assert res.by_status == {"200": 150, "500": 50}
     assert res.by_backend == {"v3": 200}
@@ -72,38 +79,50 @@ async def test_loadgen_counts_connection_errors_and_refuses_remote_targets() -> 
         await run_load("http://192.0.2.1/", rate=1, duration_s=1)
 
 
-def _route(name: str, weights: dict[str, int], prefix: str | None = None,
-           created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
-    rule: dict[str, Any] = {"backendRefs": [{"name": n, "port": 80, "weight": w}
-                                            for n, w in weights.items()]}
+def _route(
+    name: str, weights: dict[str, int], prefix: str | None = None, created: str = "2026-01-01T00:00:00Z"
+) -> dict[str, Any]:
+    rule: dict[str, Any] = {"backendRefs": [{"name": n, "port": 80, "weight": w} for n, w in weights.items()]}
     if prefix is not None:
         rule["matches"] = [{"path": {"type": "PathPrefix", "value": prefix}}]
-    return {"metadata": {"name": name, "creationTimestamp": created,
-                         "annotations": {"canaryd.io/app-id": "who"}},
-            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "whoami"}],
-                     "rules": [rule]}}
+    return {
+        "metadata": {"name": name, "creationTimestamp": created, "annotations": {"canaryd.io/app-id": "who"}},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "whoami"}], "rules": [rule]},
+    }
 
 
 def test_build_table_resolves_local_endpoints_and_prefixes() -> None:
     svc1, slices1 = local_backend_objects("whoami-v1", [18081, 18082])
     svc2, slices2 = local_backend_objects("whoami-v2", [18090])
-    foreign = {"metadata": {"name": "x", "labels": {"kubernetes.io/service-name": "whoami-v2"}},
-               "addressType": "IPv4", "ports": [{"name": "http", "port": 9}],
-               "endpoints": [{"addresses": ["10.0.0.7"]}]}
-    unready = {**slices2[0], "metadata": {**slices2[0]["metadata"], "name": "u"},
-               "endpoints": [{"addresses": ["u.localhost"], "conditions": {"ready": False}}]}
+    foreign = {
+        "metadata": {"name": "x", "labels": {"kubernetes.io/service-name": "whoami-v2"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 9}],
+        "endpoints": [{"addresses": ["10.0.0.7"]}],
+    }
+    unready = {
+        **slices2[0],
+        "metadata": {**slices2[0]["metadata"], "name": "u"},
+        "endpoints": [{"addresses": ["u.localhost"], "conditions": {"ready": False}}],
+    }
     refused: set[str] = set()
     table = build_table(
         "ns",
-        [_route("a", {"whoami-v1": 80, "whoami-v2": 20}),
-         _route("b", {"whoami-v2": 1}, prefix="/api", created="2026-01-02T00:00:00Z"),
-         {"metadata": {"name": "gw"}, "spec": {"parentRefs": [{"name": "web"}], "rules": []}}],
-        [svc1, svc2], [*slices1, *slices2, foreign, unready], refused=refused)
+        [
+            _route("a", {"whoami-v1": 80, "whoami-v2": 20}),
+            _route("b", {"whoami-v2": 1}, prefix="/api", created="2026-01-02T00:00:00Z"),
+            {"metadata": {"name": "gw"}, "spec": {"parentRefs": [{"name": "web"}], "rules": []}},
+        ],
+        [svc1, svc2],
+        [*slices1, *slices2, foreign, unready],
+        refused=refused,
+    )
     assert set(table.parents) == {"whoami"}
     pr = table.parents["whoami"]
     assert pr.app_id == "who" and pr.routes == ("a", "b")
     assert table.endpoints[("whoami-v1", 80)] == tuple(
-        e for e in table.endpoints[("whoami-v1", 80)] if e.host == "127.0.0.1")
+        e for e in table.endpoints[("whoami-v1", 80)] if e.host == "127.0.0.1"
+    )
     assert sorted(e.port for e in table.endpoints[("whoami-v1", 80)]) == [18081, 18082]
     assert [e.port for e in table.endpoints[("whoami-v2", 80)]] == [18090]
     assert refused == {"whoami-v2:10.0.0.7"}
@@ -129,19 +148,15 @@ def test_stats_exposition_names() -> None:
     stats = DataPlaneStats()
     reg = CollectorRegistry(auto_describe=False)
     reg.register(stats)
-    stats.record(cluster="ns/whoami/ns:whoami-v1:80", caller="ingress", app_id="whoami",
-                 status=200, elapsed_ms=3.0)
+    stats.record(cluster="ns/whoami/ns:whoami-v1:80", caller="ingress", app_id="whoami", status=200, elapsed_ms=3.0)
     text = generate_latest(reg).decode()
     for line in (
-        'envoy_cluster_upstream_rq{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",'
-        'envoy_response_code="200"} 1.0',
+        'envoy_cluster_upstream_rq{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",envoy_response_code="200"} 1.0',
         'envoy_cluster_upstream_rq_xx{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",'
         'envoy_response_code_class="2"} 1.0',
         'envoy_cluster_upstream_rq_total{envoy_cluster_name="ns/whoami/ns:whoami-v1:80"} 1.0',
-        'envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",'
-        'le="5"} 1.0',
-        'dapr_runtime_service_invocation_req_sent_total{app_id="ingress",dst_app_id="whoami",'
-        'type="unary"} 1.0',
+        'envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",le="5"} 1.0',
+        'dapr_runtime_service_invocation_req_sent_total{app_id="ingress",dst_app_id="whoami",type="unary"} 1.0',
         'dapr_runtime_service_invocation_res_recv_total{app_id="ingress",src_app_id="whoami",'
         'status="200",type="unary"} 1.0',
         'dapr_runtime_service_invocation_res_recv_latency_ms_count{app_id="ingress",'

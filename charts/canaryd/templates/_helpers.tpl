@@ -75,6 +75,7 @@ app.kubernetes.io/part-of: canaryd
   "steps" $d.steps
   "interval_s" (float64 $d.intervalSeconds)
   "failure_threshold" (int64 $d.failureThreshold)
+  "analysis_interval_s" (float64 $d.analysisIntervalSeconds)
   "ready_deadline_s" (float64 $d.readyDeadlineSeconds)
   "analysis" $d.analysis
   "success_rate_min" (float64 $d.successRateMin)

@@ -1,0 +1,596 @@
+"""The rollout state machine as one pure function: ``decide(facts) -> Decision``.
+
+No I/O and no clock: ``canaryd.core.admit`` turns a route and a view of the cluster into ``Facts``;
+the engine performs exactly what the decision names (one patch, Events, a wake-up time). When
+analysis is due the first call returns ``analyze=True``; the engine measures and calls again with
+the judgements.
+
+The steps, each small, in order: an invalid input fails (holding the weights); the rollout is
+established (fresh, resumed after a fixed input, or re-planned for new steps); a manual intent is
+applied; then the phase's handler runs. Every path leaves through ``_Run.done``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from canaryd.core.analysis import Judgement, Observation, Verdict
+from canaryd.core.judge import SignalTally, combine, judge_round
+from canaryd.core.spec import Intent, RolloutSpec
+from canaryd.core.state import AnalysisRecord, Failure, IntentRecord, Phase, RolloutState, parse_ts, ts
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Facts:
+    now: datetime
+    spec: RolloutSpec | None
+    stable: str | None  # the stable backend of the pair (from the state once a rollout runs)
+    error: str | None  # invalid spec, route or state: the message for Event and status
+    state: RolloutState | None
+    intent: Intent | None = None
+    canary_ready: bool = True
+    current_canary_pct: int = 0  # what the route holds now (for a fresh rollout's state)
+    observations: Sequence[Observation] | None = None  # this round's counts, once measured
+    error_kind: Failure = Failure.INPUT
+    canary_gone: bool = False  # the canary Service was deleted while the rollout runs
+    bad_intent: str | None = None  # an unreadable intent annotation: consumed, recorded as ignored
+    canary_hint: str = ""  # the canary (and stable) named on the route, for a Failed state made from nothing
+    stable_hint: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: RolloutState | None = None  # state to write; None = unchanged
+    canary_pct: int | None = None  # weights to write; None = leave them
+    events: tuple[Event, ...] = ()
+    wake_at: datetime | None = None
+    analyze: bool = False
+    window_s: float | None = None  # with analyze: measure this many seconds back (since the last round)
+    consume_intent: bool = False
+    transitions: tuple[str, ...] = field(default=())  # phases entered, for metrics
+
+
+def weights_text(stable: str, canary: str, pct: int) -> str:
+    return f"{stable} {100 - pct} → {canary} {pct}"
+
+
+def _step_label(state: RolloutState) -> str:
+    return f"step {state.step + 1}/{len(state.steps)}"
+
+
+@dataclass
+class _Run:
+    """One call's working set: the facts, the Events so far, whether the state changed and an intent was used."""
+
+    f: Facts
+    events: list[Event] = field(default_factory=list)
+    changed: bool = False
+    consume: bool = False
+
+    @property
+    def now(self) -> datetime:
+        return self.f.now
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def done(
+        self,
+        state: RolloutState | None,
+        *,
+        pct: int | None = None,
+        wake: datetime | None = None,
+        enter: Phase | None = None,
+        write: bool = True,
+    ) -> Decision:
+        """The single exit: write ``state`` when asked to or when this call changed it."""
+        return Decision(
+            state=state if (write or self.changed) else None,
+            canary_pct=pct,
+            events=tuple(self.events),
+            wake_at=wake,
+            consume_intent=self.consume,
+            transitions=() if enter is None else (enter.value,),
+        )
+
+    def hold(self, state: RolloutState, wake: datetime | None) -> Decision:
+        return self.done(state, wake=wake, write=False)
+
+
+def decide(f: Facts) -> Decision:
+    run = _Run(f, consume=f.intent is not None or f.bad_intent is not None)
+    if f.bad_intent is not None and f.state is not None:
+        f = _ignore_bad_intent(run, f)
+    if f.canary_gone and f.state is not None and not f.state.phase.terminal:
+        return _rollback(run, f.state, f"the canary Service {f.state.canary} was deleted", "CanaryGone")
+    if f.error is not None or f.spec is None or f.stable is None:
+        return _fail(run, f.error or "invalid spec")
+    st = _establish(run, f.spec, f.stable)
+    if f.intent is not None:
+        st, final = _apply_intent(run, f.intent, st, f.spec)
+        if final is not None:
+            return final
+    return PHASES[st.phase](run, st, f.spec)
+
+
+def _ignore_bad_intent(run: _Run, f: Facts) -> Facts:
+    assert f.state is not None and f.bad_intent is not None
+    run.changed = True
+    run.event("Warning", "UnknownIntent", f"{f.bad_intent}; ignored and removed")
+    rec = IntentRecord(intent="?", at=ts(f.now) or "", result=f"ignored: {f.bad_intent}"[:300])
+    new = f.state.add_intent(rec)
+    run.f = replace(f, state=new)
+    return run.f
+
+
+# --- failing and establishing the rollout ----------------------------------------------------------
+def _fail(run: _Run, message: str) -> Decision:
+    """Invalid input: Failed, weights held where they are, the rest of the route untouched."""
+    st, kind = run.f.state, run.f.error_kind
+    if st is not None and st.phase == Phase.FAILED and st.message == message:
+        return run.done(None, write=False)  # already said; only consume a pending intent
+    held = None  # the phase to return to once the input is valid again
+    if st is not None and kind == Failure.INPUT:
+        held = st.paused_phase if st.phase == Phase.FAILED else None if st.phase.terminal else st.phase.value
+    base = st if st is not None and kind == Failure.INPUT else _blank(run)
+    new = base.with_(
+        phase=Phase.FAILED, message=message, updated_at=ts(run.now), next_at=None, paused_phase=held, failure=kind
+    )
+    run.event("Warning", "InvalidSpec" if kind == Failure.INPUT else "InvalidState", f"{message}; weights held")
+    return run.done(new, enter=Phase.FAILED)
+
+
+def _blank(run: _Run) -> RolloutState:
+    now = ts(run.now) or ""
+    return RolloutState(
+        phase=Phase.FAILED,
+        canary=run.f.canary_hint,
+        stable=run.f.stable_hint,
+        steps=(),
+        step=-1,
+        canary_weight=run.f.current_canary_pct,
+        started_at=now,
+        step_started_at=None,
+        updated_at=now,
+    )
+
+
+def _establish(run: _Run, spec: RolloutSpec, stable: str) -> RolloutState:
+    """The rollout this call continues: the stored one, or a fresh one when the canary changed."""
+    st = run.f.state
+    if st is None or st.canary != spec.canary or _fresh_from_failed(st):
+        if st is not None and not st.phase.terminal:
+            run.event("Normal", "Restarted", f"canary changed from {st.canary} to {spec.canary}; starting over")
+        run.changed = True
+        fresh = _fresh(spec, stable, run.now, run.f.current_canary_pct)
+        if st is None or st.canary != spec.canary or st.phase != Phase.FAILED:
+            run.event(
+                "Normal",
+                "RolloutStarted",
+                f"rolling out {spec.canary} over {stable} in steps "
+                f"{','.join(map(str, spec.steps))} every {spec.interval_s:g}s",
+            )
+        return fresh.with_(intents=st.intents if st is not None and st.canary == spec.canary else ())
+    if st.phase == Phase.FAILED and st.failure == Failure.INPUT and st.paused_phase:
+        run.changed = True
+        run.event("Normal", "Resumed", f"the input is valid again; resuming at {_step_label(st)}")
+        # A fresh window at the held step: time spent Failed is neither judged nor counted as the step's.
+        nxt = ts(run.now + timedelta(seconds=spec.interval_s)) if st.step >= 0 else None
+        st = st.with_(
+            phase=Phase(st.paused_phase), paused_phase=None, failure=None, updated_at=ts(run.now), next_at=nxt
+        )
+    if st.steps != spec.steps and not st.phase.terminal:
+        run.changed = True
+        st = st.with_(steps=spec.steps, step=_step_at_or_below(spec.steps, st.canary_weight))
+    return st
+
+
+def _fresh_from_failed(st: RolloutState) -> bool:
+    # A rollout that failed before it ran (nothing held) starts once its input is valid.
+    return st.phase == Phase.FAILED and st.failure != Failure.STATE and not st.paused_phase
+
+
+def _step_at_or_below(steps: tuple[int, ...], weight: int) -> int:
+    """The highest step not above ``weight``: continuing from there never lowers the canary's weight."""
+    return max((i for i, s in enumerate(steps) if s <= weight), default=-1)
+
+
+def _fresh(spec: RolloutSpec, stable: str, now: datetime, current_pct: int) -> RolloutState:
+    return RolloutState(
+        phase=Phase.PROGRESSING,
+        canary=spec.canary,
+        stable=stable,
+        steps=spec.steps,
+        step=_step_at_or_below(spec.steps[:-1], current_pct),
+        canary_weight=current_pct,
+        started_at=ts(now) or "",
+        step_started_at=None,
+        updated_at=ts(now) or "",
+        next_at=None,
+        message="rollout started",
+    )
+
+
+# --- outcomes --------------------------------------------------------------------------------------
+def _rollback(run: _Run, st: RolloutState, why: str, reason: str = "RolledBack") -> Decision:
+    new = st.with_(
+        phase=Phase.ROLLED_BACK,
+        canary_weight=0,
+        updated_at=ts(run.now),
+        next_at=None,
+        message=f"rolled back: {why}",
+        paused_phase=None,
+        failure=None,
+    )
+    run.event("Warning", reason, f"rolled back to {st.stable}: {why}")
+    return run.done(new, pct=0, enter=Phase.ROLLED_BACK)
+
+
+def _promote(run: _Run, st: RolloutState, why: str) -> Decision:
+    new = st.with_(
+        phase=Phase.PROMOTED,
+        canary_weight=100,
+        step=len(st.steps) - 1,
+        updated_at=ts(run.now),
+        step_started_at=ts(run.now),
+        next_at=None,
+        waiting_since=None,
+        message=f"promoted: {why}",
+        paused_phase=None,
+        failure=None,
+    )
+    run.event("Normal", "Promoted", f"{st.canary} promoted ({why}); {weights_text(st.stable, st.canary, 100)}")
+    return run.done(new, pct=100, enter=Phase.PROMOTED)
+
+
+# --- intents ---------------------------------------------------------------------------------------
+IntentRule = Callable[[_Run, RolloutState, RolloutSpec], "tuple[RolloutState, Decision | None]"]
+
+
+def _apply_intent(
+    run: _Run, intent: Intent, st: RolloutState, spec: RolloutSpec
+) -> tuple[RolloutState, Decision | None]:
+    """Apply a manual intent; returns the state to continue with, or a final decision."""
+    run.changed = True
+    return INTENTS[intent](run, st, spec)
+
+
+def _record(run: _Run, st: RolloutState, result: str) -> RolloutState:
+    intent = run.f.intent or ""
+    return st.add_intent(IntentRecord(intent=intent, at=ts(run.now) or "", result=result))
+
+
+def ignored_reason(intent: Intent, phase: Phase) -> str | None:
+    """Why ``intent`` does nothing in ``phase`` (None: it applies). The CLI predicts with the same rule."""
+    if intent == "promote" and phase == Phase.PROMOTED:
+        return "already promoted"
+    if intent == "abort" and phase == Phase.ROLLED_BACK:
+        return "already rolled back"
+    if intent == "pause" and (phase.terminal or phase == Phase.PAUSED):
+        return f"rollout is {phase.value}"
+    if intent == "resume" and phase != Phase.PAUSED:
+        return f"rollout is {phase.value}"
+    if intent == "retry" and phase not in (Phase.ROLLED_BACK, Phase.FAILED):
+        return f"retry needs a rolled-back or failed rollout, this one is {phase.value}"
+    return None
+
+
+def _intent_promote(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[RolloutState, Decision | None]:
+    return st, _promote(run, _record(run, st, "applied"), "promoted by user")
+
+
+def _intent_abort(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[RolloutState, Decision | None]:
+    return st, _rollback(run, _record(run, st, "applied"), "aborted by user", reason="Aborted")
+
+
+def _intent_pause(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[RolloutState, Decision | None]:
+    new = _record(run, st, "applied").with_(
+        phase=Phase.PAUSED, paused_phase=st.phase.value, message="paused by user", updated_at=ts(run.now), next_at=None
+    )
+    run.event("Normal", "Paused", f"paused at {_step_label(st)} by user")
+    return st, run.done(new, enter=Phase.PAUSED)
+
+
+def _intent_resume(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[RolloutState, Decision | None]:
+    phase = Phase(st.paused_phase or Phase.PROGRESSING.value)
+    # A fresh window at the current step: what happened while paused is not judged.
+    nxt = run.now + timedelta(seconds=spec.interval_s) if st.step >= 0 else run.now
+    new = _record(run, st, "applied").with_(
+        phase=phase,
+        paused_phase=None,
+        message="resumed by user",
+        updated_at=ts(run.now),
+        next_at=ts(nxt),
+        inconclusive=0,
+        errors=0,
+    )
+    if spec.analysis.enabled and st.step >= 0:
+        new = new.with_(next_round_at=ts(_round_after(run.now, new, spec)))
+        nxt = parse_ts(new.next_round_at) or nxt
+    run.event("Normal", "Resumed", f"resumed at {_step_label(st)} by user")
+    return st, run.done(new, wake=nxt, enter=phase)
+
+
+def _intent_retry(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[RolloutState, Decision | None]:
+    fresh = _fresh(spec, st.stable or (run.f.stable or ""), run.now, run.f.current_canary_pct)
+    run.event("Normal", "Retry", f"retrying {spec.canary} from the first step")
+    return _record(run, fresh.with_(intents=st.intents), "applied"), None
+
+
+INTENTS: dict[Intent, IntentRule] = {
+    "promote": _intent_promote,
+    "abort": _intent_abort,
+    "pause": _intent_pause,
+    "resume": _intent_resume,
+    "retry": _intent_retry,
+}
+
+
+def _guarded_intent(rule: IntentRule, intent: Intent) -> IntentRule:
+    def apply(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[RolloutState, Decision | None]:
+        why = ignored_reason(intent, st.phase)
+        if why is not None:
+            return _record(run, st, f"ignored: {why}"), None
+        return rule(run, st, spec)
+
+    return apply
+
+
+INTENTS = {name: _guarded_intent(rule, name) for name, rule in INTENTS.items()}
+
+
+# --- phases ----------------------------------------------------------------------------------------
+def _idle(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
+    return run.hold(st, None)
+
+
+def _analysing(st: RolloutState, spec: RolloutSpec) -> bool:
+    return spec.analysis.enabled and st.step >= 0
+
+
+def _progressing(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
+    step_end = parse_ts(st.next_at)
+    if st.phase == Phase.PROGRESSING and _analysing(st, spec):
+        due = parse_ts(st.next_round_at) or step_end  # rounds inside the step; the last one at its end
+        if due is not None and run.now < due:
+            return run.hold(st, due)
+        if run.f.observations is None:
+            return _measure(st, spec, run.now)
+        st, outcome = _judged(run, st, spec, run.f.observations, at_end=step_end is None or run.now >= step_end)
+        if outcome is not None:
+            return outcome
+    elif step_end is not None and run.now < step_end and st.phase != Phase.WAITING:
+        return run.hold(st, step_end)
+    if not run.f.canary_ready:
+        return _not_ready(run, st, spec)
+    return _advance(run, st, spec)
+
+
+def _paused(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
+    """Paused holds the weights, but the test keeps running: evidence of harm rolls back even now."""
+    if not _analysing(st, spec):
+        return run.hold(st, None)
+    due = parse_ts(st.next_round_at) or run.now
+    if run.now < due:
+        return run.hold(st, due)
+    if run.f.observations is None:
+        return _measure(st, spec, run.now)
+    st, judged = _tallied(run, st, spec, run.f.observations)
+    verdict = combine(judged)
+    if verdict == Verdict.FAIL and st.failures + 1 >= spec.analysis.failure_threshold:
+        return _rollback(run, st, f"{_worst(judged, verdict)} (while paused)", "RolledBackWhilePaused")
+    failures = st.failures + 1 if verdict == Verdict.FAIL else 0
+    return _next_round(run, st.with_(failures=failures), spec)
+
+
+def _measure(st: RolloutState, spec: RolloutSpec, now: datetime) -> Decision:
+    """Ask the engine for this round's counts: everything since the last round (at most the window)."""
+    since = parse_ts(st.analyzed_at) or parse_ts(st.step_started_at) or now
+    seconds = (now - since).total_seconds()
+    window = min(max(round(seconds), 1.0), spec.analysis.window_s)
+    return Decision(analyze=True, window_s=window)
+
+
+def _tallied(
+    run: _Run, st: RolloutState, spec: RolloutSpec, observations: Sequence[Observation]
+) -> tuple[RolloutState, tuple[Judgement, ...]]:
+    """Add the round's counts to the rollout's tallies and judge the totals (recorded in the history)."""
+    n = len(spec.analysis.signals)
+    tallies = dict(st.tallies)
+    judged: list[Judgement] = []
+    for obs in observations:
+        raw = tallies.get(obs.signal)
+        before = SignalTally.from_list(raw) if raw is not None else None
+        j, after = judge_round(obs, before, spec.analysis, signals=n)
+        judged.append(j)
+        if after is not None:
+            tallies[obs.signal] = after.to_list()
+    run.changed = True
+    for j in judged:
+        st = st.add_record(_analysis_record(st.step, run.now, j))
+    measured = all(j.verdict != Verdict.ERROR for j in judged)  # an erroring round measured nothing: keep its window
+    new = st.with_(tallies=tallies, analyzed_at=ts(run.now) if measured else st.analyzed_at, updated_at=ts(run.now))
+    return new, tuple(judged)
+
+
+def _worst(judged: Sequence[Judgement], verdict: Verdict) -> str:
+    worst = next((j for j in judged if j.verdict == verdict), None)
+    return f"{worst.signal}: {worst.reason}" if worst else verdict.value
+
+
+def _judged(
+    run: _Run, st: RolloutState, spec: RolloutSpec, observations: Sequence[Observation], *, at_end: bool
+) -> tuple[RolloutState, Decision | None]:
+    """Judge the round; the verdict's rule says whether to roll back, hold, pause or advance (None)."""
+    st, judged = _tallied(run, st, spec, observations)
+    verdict = combine(judged)
+    return VERDICTS[verdict](run, st, spec, _worst(judged, verdict), at_end)
+
+
+VerdictRule = Callable[[_Run, RolloutState, RolloutSpec, str, bool], "tuple[RolloutState, Decision | None]"]
+
+
+def _round_after(now: datetime, st: RolloutState, spec: RolloutSpec) -> datetime:
+    """The next round: one analysis interval on, but no later than the step's end (the last round is there)."""
+    nxt = now + timedelta(seconds=spec.analysis.interval_s)
+    step_end = parse_ts(st.next_at)
+    if step_end is not None and st.phase == Phase.PROGRESSING:
+        nxt = min(nxt, max(step_end, now))
+    return nxt
+
+
+def _next_round(
+    run: _Run, st: RolloutState, spec: RolloutSpec, message: str | None = None, enter: Phase | None = None
+) -> Decision:
+    nxt = _round_after(run.now, st, spec)
+    new = st.with_(next_round_at=ts(nxt), message=message or st.message, updated_at=ts(run.now))
+    return run.done(new, wake=nxt, enter=enter)
+
+
+def _on_fail(
+    run: _Run, st: RolloutState, spec: RolloutSpec, why: str, at_end: bool
+) -> tuple[RolloutState, Decision | None]:
+    a = spec.analysis
+    st = st.with_(failures=st.failures + 1, errors=0)
+    if st.failures >= a.failure_threshold:
+        return st, _rollback(run, st, why)
+    run.event("Warning", "AnalysisFailed", f"{_step_label(st)}: {why} (failure {st.failures}/{a.failure_threshold})")
+    return st, _next_round(run, st, spec, f"harm shown {st.failures}/{a.failure_threshold}: {why}")
+
+
+def _on_error(
+    run: _Run, st: RolloutState, spec: RolloutSpec, why: str, at_end: bool
+) -> tuple[RolloutState, Decision | None]:
+    a = spec.analysis
+    st = st.with_(errors=st.errors + 1)
+    if st.errors >= a.max_errors:
+        return st, _rollback(run, st, f"analysis errored {st.errors} times in a row: {why}", "AnalysisError")
+    run.event("Warning", "AnalysisError", f"{_step_label(st)}: {why} (error {st.errors}/{a.max_errors}; holding)")
+    return st, _next_round(run, st, spec, f"analysis error {st.errors}/{a.max_errors}: {why}")
+
+
+def _on_inconclusive(
+    run: _Run, st: RolloutState, spec: RolloutSpec, why: str, at_end: bool
+) -> tuple[RolloutState, Decision | None]:
+    a = spec.analysis
+    st = st.with_(failures=0, errors=0)
+    if not at_end:
+        return st, _next_round(run, st, spec, f"{_step_label(st)}: {why}")
+    st = st.with_(inconclusive=st.inconclusive + 1)
+    if st.inconclusive < a.max_inconclusive:
+        # Too little evidence to advance: hold the step for another interval, still testing every round.
+        longer = st.with_(next_at=ts(run.now + timedelta(seconds=spec.interval_s)))
+        return longer, _next_round(run, longer, spec, f"inconclusive {st.inconclusive}/{a.max_inconclusive}: {why}")
+    why_all = f"{st.inconclusive} inconclusive steps in a row: {why}"
+    if a.on_inconclusive == "rollback":
+        return st, _rollback(run, st, why_all, "Inconclusive")
+    paused = st.with_(
+        phase=Phase.PAUSED, paused_phase=Phase.PROGRESSING.value, next_at=None, message=f"paused: {why_all}"
+    )
+    run.event(
+        "Warning",
+        "Inconclusive",
+        f"paused at {_step_label(st)}: {why_all}; analysis goes on and rolls back on evidence of harm; "
+        "'canaryd resume' to continue or 'canaryd abort'",
+    )
+    return st, _next_round(run, paused, spec, enter=Phase.PAUSED)
+
+
+def _on_pass(
+    run: _Run, st: RolloutState, spec: RolloutSpec, why: str, at_end: bool
+) -> tuple[RolloutState, Decision | None]:
+    st = st.with_(failures=0, errors=0)
+    if not at_end:
+        return st, _next_round(run, st, spec, f"{_step_label(st)}: {why}")
+    return st.with_(inconclusive=0), None
+
+
+VERDICTS: dict[Verdict, VerdictRule] = {
+    Verdict.FAIL: _on_fail,
+    Verdict.ERROR: _on_error,
+    Verdict.INCONCLUSIVE: _on_inconclusive,
+    Verdict.PASS: _on_pass,
+}
+
+
+def _not_ready(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
+    """Gate the next step on the canary's ready endpoints, up to the ready deadline."""
+    since = parse_ts(st.waiting_since) or run.now
+    deadline = since + timedelta(seconds=spec.ready_deadline_s)
+    if run.now >= deadline:
+        return _rollback(run, st, f"{st.canary} had no ready endpoints for {spec.ready_deadline_s:g}s", "NotReady")
+    if st.phase == Phase.WAITING:
+        return run.hold(st, deadline)
+    run.event(
+        "Warning",
+        "WaitingForEndpoints",
+        f"{st.canary} has no ready endpoints; holding {_step_label(st)} (rollback in {spec.ready_deadline_s:g}s)",
+    )
+    waiting = st.with_(
+        phase=Phase.WAITING,
+        waiting_since=ts(since),
+        updated_at=ts(run.now),
+        message=f"waiting for ready endpoints of {st.canary}",
+    )
+    return run.done(waiting, wake=deadline, enter=Phase.WAITING)
+
+
+def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
+    nxt = st.step + 1
+    pct = st.steps[nxt]
+    if pct >= 100:
+        return _promote(run, st, "all steps passed")
+    wake = run.now + timedelta(seconds=spec.interval_s)
+    new = st.with_(
+        phase=Phase.PROGRESSING,
+        step=nxt,
+        canary_weight=pct,
+        step_started_at=ts(run.now),
+        next_at=ts(wake),
+        updated_at=ts(run.now),
+        waiting_since=None,
+        message=f"{_step_label(st.with_(step=nxt))}: {weights_text(st.stable, st.canary, pct)}",
+    )
+    if spec.analysis.enabled:  # evidence is counted from the first weight on, across steps
+        new = new.with_(analyzed_at=st.analyzed_at or ts(run.now), next_round_at=ts(_round_after(run.now, new, spec)))
+        wake = parse_ts(new.next_round_at) or wake
+    run.event("Normal", "StepAdvanced", new.message)
+    return run.done(new, pct=pct, wake=wake, enter=Phase.PROGRESSING if st.phase != Phase.PROGRESSING else None)
+
+
+PHASES: dict[Phase, Callable[[_Run, RolloutState, RolloutSpec], Decision]] = {
+    Phase.PROGRESSING: _progressing,
+    Phase.WAITING: _progressing,
+    Phase.PAUSED: _paused,
+    Phase.PROMOTED: _idle,
+    Phase.ROLLED_BACK: _idle,
+    Phase.FAILED: _idle,
+}
+
+
+def _analysis_record(step: int, now: datetime, j: Judgement) -> AnalysisRecord:
+    c, s = j.canary, j.stable
+    return AnalysisRecord(
+        step=step,
+        at=ts(now) or "",
+        verdict=j.verdict.value,
+        signal=j.signal,
+        reason=j.reason,
+        canary_requests=None if c is None else round(c.requests, 1),
+        canary_success=None if c is None or c.success_rate is None else round(c.success_rate, 3),
+        canary_latency_ms=None if c is None or c.latency_ms is None else round(c.latency_ms, 1),
+        stable_requests=None if s is None else round(s.requests, 1),
+        stable_success=None if s is None or s.success_rate is None else round(s.success_rate, 3),
+        stable_latency_ms=None if s is None or s.latency_ms is None else round(s.latency_ms, 1),
+        evidence=None if j.evidence is None else float(f"{j.evidence:.4g}"),
+        threshold=j.threshold,
+    )

@@ -1,0 +1,128 @@
+"""Counts -> cumulative evidence -> a verdict, one signal at a time (pure: no I/O, no clock).
+
+A round's ``Observation`` (what each backend did since the last round) is added to the rollout's
+running ``Tally`` of that signal, kept in the state, and ``canaryd.core.evidence.assess`` judges the
+cumulative counts with an anytime-valid test. The verdicts:
+
+- ERROR: the query failed or returned numbers that are not counts;
+- FAIL: evidence of harm crossed its threshold (absolute success rate, canary vs stable beyond the
+  tolerance, or too many requests over the latency limit) — at most ``1 - confidence`` likely for a
+  healthy canary over the whole rollout, however often it is looked at;
+- INCONCLUSIVE: no harm shown, but fewer than ``min-requests`` canary requests so far (or latency
+  limited but not measured);
+- PASS: no harm shown on enough requests.
+
+With several signals the error budget ``1 - confidence`` is split evenly between them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from canaryd.core.analysis import BackendStats, Judgement, Observation, Verdict
+from canaryd.core.evidence import Assessment, Outcome, Tally, assess
+from canaryd.core.spec import AnalysisSpec
+
+_VERDICT = {Outcome.HARM: Verdict.FAIL, Outcome.OK: Verdict.PASS, Outcome.INSUFFICIENT: Verdict.INCONCLUSIVE}
+
+
+@dataclass(frozen=True)
+class SignalTally:
+    """One signal's counts since the rollout started; ``stable`` None = the signal cannot tell versions apart."""
+
+    canary: Tally
+    stable: Tally | None
+
+    def to_list(self) -> list[float | None]:
+        c, s = self.canary, self.stable
+        return [c.requests, c.errors, c.slow, None if s is None else s.requests, None if s is None else s.errors]
+
+    @classmethod
+    def from_list(cls, raw: object) -> SignalTally:
+        if not isinstance(raw, list) or len(raw) != 5:
+            raise ValueError(f"a tally is a list of 5 numbers, not {str(raw)[:80]}")
+        c_n, c_e, c_slow, s_n, s_e = (None if v is None else float(v) for v in raw)
+        if c_n is None or c_e is None or any(v is not None and not math.isfinite(v) for v in raw):
+            raise ValueError("a tally's canary counts must be finite numbers")
+        stable = None if s_n is None else Tally(s_n, s_e or 0.0)
+        return cls(Tally(c_n, c_e, c_slow), stable)
+
+
+def combine(judgements: Iterable[Judgement]) -> Verdict:
+    """One verdict for a round: error > fail > inconclusive > pass (nothing to judge = pass)."""
+    verdicts = {j.verdict for j in judgements}
+    for v in (Verdict.ERROR, Verdict.FAIL, Verdict.INCONCLUSIVE):
+        if v in verdicts:
+            return v
+    return Verdict.PASS
+
+
+def judge_round(
+    obs: Observation, before: SignalTally | None, spec: AnalysisSpec, *, signals: int = 1
+) -> tuple[Judgement, SignalTally | None]:
+    """Add this round's counts to ``before`` and judge the total; returns the verdict and the new tally.
+
+    An erroring round changes no tally (``None`` returned when there was none), so a Prometheus
+    outage neither adds nor loses evidence.
+    """
+    if obs.error:
+        return Judgement(obs.signal, Verdict.ERROR, obs.error), before
+    bad = _unusable(obs.canary, "canary") or _unusable(obs.stable, "stable")
+    if bad:
+        return Judgement(obs.signal, Verdict.ERROR, bad, obs.canary, obs.stable), before
+    tally = _added(before, obs, spec)
+    confidence = 1.0 - (1.0 - spec.confidence) / max(1, signals)
+    try:
+        a = assess(
+            tally.canary,
+            tally.stable,
+            success_rate_min=spec.success_rate_min,
+            tolerance_pct=spec.tolerance_pct,
+            confidence=confidence,
+            min_requests=spec.min_requests,
+            latency_quantile=spec.latency_quantile if spec.latency_max_ms is not None else None,
+        )
+    except ValueError as exc:
+        return Judgement(obs.signal, Verdict.ERROR, f"counts not usable: {exc}", obs.canary, obs.stable), before
+    return _judgement(obs, a), tally
+
+
+def _judgement(obs: Observation, a: Assessment) -> Judgement:
+    return Judgement(
+        obs.signal,
+        _VERDICT[a.outcome],
+        a.reason,
+        canary=obs.canary,
+        stable=obs.stable,
+        evidence=a.evidence,
+        threshold=a.threshold,
+        canary_error_bounds=a.canary_error_bounds,
+    )
+
+
+def _added(before: SignalTally | None, obs: Observation, spec: AnalysisSpec) -> SignalTally:
+    c = obs.canary or BackendStats(0.0, 0.0)
+    slow = c.slow if spec.latency_max_ms is not None else None
+    round_c = Tally(c.requests, min(max(c.errors, 0.0), c.requests), slow)
+    s = obs.stable
+    round_s = None if s is None else Tally(s.requests, min(max(s.errors, 0.0), s.requests))
+    if before is None:
+        return SignalTally(round_c, round_s)
+    b = before.canary
+    # A round without latency buckets adds no slow requests; a signal that never has them stays None.
+    total_slow = None if b.slow is None and slow is None else (b.slow or 0.0) + (slow or 0.0)
+    canary = Tally(b.requests + round_c.requests, b.errors + round_c.errors, total_slow)
+    stable = before.stable + round_s if before.stable is not None and round_s is not None else round_s
+    return SignalTally(canary, stable)
+
+
+def _unusable(stats: BackendStats | None, who: str) -> str | None:
+    if stats is None:
+        return None
+    if not (math.isfinite(stats.requests) and math.isfinite(stats.errors)):
+        return f"{who} numbers are not finite (requests={stats.requests}, errors={stats.errors})"
+    if stats.requests < 0:
+        return f"{who} request count is negative ({stats.requests:g}); counter reset?"
+    return None
