@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -232,7 +232,7 @@ async def _check_analysis(
         port=int(spec.port or adm.pair.port or 80),
         stable=adm.pair.stable,
         canary=adm.pair.canary,
-        spec=spec.analysis,
+        spec=replace(spec.analysis, window_s=min(spec.analysis.window_s, spec.interval_s)),  # the last interval
     )
     analyzer = PrometheusAnalyzer(prom)
     try:
@@ -246,7 +246,7 @@ async def _check_analysis(
         await analyzer.aclose()
     # The judge the engine uses, on one window as if the rollout started now.
     n = len(spec.analysis.signals)
-    judgements = [judge_round(o, None, spec.analysis, signals=n)[0] for o in observations]
+    judgements = [judge_round(o, spec.analysis, signals=n)[0] for o in observations]
     report.judgements = list(judgements)
     for j in judgements:
         if j.verdict == Verdict.ERROR:

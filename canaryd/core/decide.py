@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from canaryd.core.analysis import Judgement, Observation, Verdict
-from canaryd.core.judge import SignalTally, combine, judge_round
+from canaryd.core.judge import combine, judge_round
 from canaryd.core.spec import Intent, RolloutSpec
 from canaryd.core.state import AnalysisRecord, Failure, IntentRecord, Phase, RolloutState, parse_ts, ts
 
@@ -393,8 +393,11 @@ def _paused(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
 
 
 def _measure(st: RolloutState, spec: RolloutSpec, now: datetime) -> Decision:
-    """Ask the engine for this round's counts: everything since the last round (at most the window)."""
-    since = parse_ts(st.analyzed_at) or parse_ts(st.step_started_at) or now
+    """Ask the engine for the counts since the rollout's first weight (at most the window).
+
+    One ``increase()`` over the whole stretch, not a sum of short windows: extrapolation noise of
+    short windows would add up round after round (and a window shorter than two scrapes is empty)."""
+    since = parse_ts(st.counted_since) or parse_ts(st.step_started_at) or now
     seconds = (now - since).total_seconds()
     window = min(max(round(seconds), 1.0), spec.analysis.window_s)
     return Decision(analyze=True, window_s=window)
@@ -403,23 +406,19 @@ def _measure(st: RolloutState, spec: RolloutSpec, now: datetime) -> Decision:
 def _tallied(
     run: _Run, st: RolloutState, spec: RolloutSpec, observations: Sequence[Observation]
 ) -> tuple[RolloutState, tuple[Judgement, ...]]:
-    """Add the round's counts to the rollout's tallies and judge the totals (recorded in the history)."""
+    """Judge the cumulative counts of the round (recorded in the history; the tallies keep the latest)."""
     n = len(spec.analysis.signals)
     tallies = dict(st.tallies)
     judged: list[Judgement] = []
     for obs in observations:
-        raw = tallies.get(obs.signal)
-        before = SignalTally.from_list(raw) if raw is not None else None
-        j, after = judge_round(obs, before, spec.analysis, signals=n)
+        j, after = judge_round(obs, spec.analysis, signals=n)
         judged.append(j)
         if after is not None:
             tallies[obs.signal] = after.to_list()
     run.changed = True
     for j in judged:
         st = st.add_record(_analysis_record(st.step, run.now, j))
-    measured = all(j.verdict != Verdict.ERROR for j in judged)  # an erroring round measured nothing: keep its window
-    new = st.with_(tallies=tallies, analyzed_at=ts(run.now) if measured else st.analyzed_at, updated_at=ts(run.now))
-    return new, tuple(judged)
+    return st.with_(tallies=tallies, updated_at=ts(run.now)), tuple(judged)
 
 
 def _worst(judged: Sequence[Judgement], verdict: Verdict) -> str:
@@ -561,7 +560,8 @@ def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
         message=f"{_step_label(st.with_(step=nxt))}: {weights_text(st.stable, st.canary, pct)}",
     )
     if spec.analysis.enabled:  # evidence is counted from the first weight on, across steps
-        new = new.with_(analyzed_at=st.analyzed_at or ts(run.now), next_round_at=ts(_round_after(run.now, new, spec)))
+        since = st.counted_since or ts(run.now)
+        new = new.with_(counted_since=since, next_round_at=ts(_round_after(run.now, new, spec)))
         wake = parse_ts(new.next_round_at) or wake
     run.event("Normal", "StepAdvanced", new.message)
     return run.done(new, pct=pct, wake=wake, enter=Phase.PROGRESSING if st.phase != Phase.PROGRESSING else None)

@@ -1,8 +1,8 @@
 """Counts -> cumulative evidence -> a verdict, one signal at a time (pure: no I/O, no clock).
 
-A round's ``Observation`` (what each backend did since the last round) is added to the rollout's
-running ``Tally`` of that signal, kept in the state, and ``canaryd.core.evidence.assess`` judges the
-cumulative counts with an anytime-valid test. The verdicts:
+A round's ``Observation`` holds what each backend did since the rollout's first weight (one
+``increase()`` over the whole stretch), and ``canaryd.core.evidence.assess`` judges those cumulative
+counts with an anytime-valid test; the state keeps the latest counts per signal. The verdicts:
 
 - ERROR: the query failed or returned numbers that are not counts;
 - FAIL: evidence of harm crossed its threshold (absolute success rate, canary vs stable beyond the
@@ -59,20 +59,14 @@ def combine(judgements: Iterable[Judgement]) -> Verdict:
     return Verdict.PASS
 
 
-def judge_round(
-    obs: Observation, before: SignalTally | None, spec: AnalysisSpec, *, signals: int = 1
-) -> tuple[Judgement, SignalTally | None]:
-    """Add this round's counts to ``before`` and judge the total; returns the verdict and the new tally.
-
-    An erroring round changes no tally (``None`` returned when there was none), so a Prometheus
-    outage neither adds nor loses evidence.
-    """
+def judge_round(obs: Observation, spec: AnalysisSpec, *, signals: int = 1) -> tuple[Judgement, SignalTally | None]:
+    """Judge a round's cumulative counts; returns the verdict and the counts to keep (None on error)."""
     if obs.error:
-        return Judgement(obs.signal, Verdict.ERROR, obs.error), before
+        return Judgement(obs.signal, Verdict.ERROR, obs.error), None
     bad = _unusable(obs.canary, "canary") or _unusable(obs.stable, "stable")
     if bad:
-        return Judgement(obs.signal, Verdict.ERROR, bad, obs.canary, obs.stable), before
-    tally = _added(before, obs, spec)
+        return Judgement(obs.signal, Verdict.ERROR, bad, obs.canary, obs.stable), None
+    tally = _tally(obs, spec)
     confidence = 1.0 - (1.0 - spec.confidence) / max(1, signals)
     try:
         a = assess(
@@ -85,7 +79,7 @@ def judge_round(
             latency_quantile=spec.latency_quantile if spec.latency_max_ms is not None else None,
         )
     except ValueError as exc:
-        return Judgement(obs.signal, Verdict.ERROR, f"counts not usable: {exc}", obs.canary, obs.stable), before
+        return Judgement(obs.signal, Verdict.ERROR, f"counts not usable: {exc}", obs.canary, obs.stable), None
     return _judgement(obs, a), tally
 
 
@@ -102,19 +96,12 @@ def _judgement(obs: Observation, a: Assessment) -> Judgement:
     )
 
 
-def _added(before: SignalTally | None, obs: Observation, spec: AnalysisSpec) -> SignalTally:
+def _tally(obs: Observation, spec: AnalysisSpec) -> SignalTally:
     c = obs.canary or BackendStats(0.0, 0.0)
     slow = c.slow if spec.latency_max_ms is not None else None
-    round_c = Tally(c.requests, min(max(c.errors, 0.0), c.requests), slow)
+    canary = Tally(c.requests, min(max(c.errors, 0.0), c.requests), slow)
     s = obs.stable
-    round_s = None if s is None else Tally(s.requests, min(max(s.errors, 0.0), s.requests))
-    if before is None:
-        return SignalTally(round_c, round_s)
-    b = before.canary
-    # A round without latency buckets adds no slow requests; a signal that never has them stays None.
-    total_slow = None if b.slow is None and slow is None else (b.slow or 0.0) + (slow or 0.0)
-    canary = Tally(b.requests + round_c.requests, b.errors + round_c.errors, total_slow)
-    stable = before.stable + round_s if before.stable is not None and round_s is not None else round_s
+    stable = None if s is None else Tally(s.requests, min(max(s.errors, 0.0), s.requests))
     return SignalTally(canary, stable)
 
 

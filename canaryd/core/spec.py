@@ -120,7 +120,7 @@ _SIGNAL = re.compile(r"^(none|envoy|dapr|custom:[a-z0-9]([-a-z0-9_]{0,61}[a-z0-9
 @dataclass(frozen=True)
 class AnalysisSpec:
     signals: tuple[str, ...]  # () = time-based rollout
-    window_s: float  # the longest window one round measures (a round measures since the last one)
+    window_s: float  # the longest stretch one round measures (counts since the first weight, at most this)
     interval_s: float  # seconds between rounds inside a step
     success_rate_min: float  # percent
     latency_max_ms: float | None
@@ -295,7 +295,7 @@ def parse_spec(annotations: Mapping[str, str], defaults: RolloutDefaults) -> Rol
 
     analysis = AnalysisSpec(
         signals=tuple(signals),
-        window_s=parse_duration(ANALYSIS_WINDOW, a[ANALYSIS_WINDOW]) if ANALYSIS_WINDOW in a else interval,
+        window_s=parse_duration(ANALYSIS_WINDOW, a[ANALYSIS_WINDOW]) if ANALYSIS_WINDOW in a else 86_400.0,
         interval_s=min(
             parse_duration(ANALYSIS_INTERVAL, a[ANALYSIS_INTERVAL])
             if ANALYSIS_INTERVAL in a

@@ -107,10 +107,10 @@ class RolloutState:
     waiting_since: str | None = None  # canary without ready endpoints since
     paused_phase: str | None = None  # phase to return to on resume (Paused) or once the input is valid (Failed)
     failure: Failure | None = None  # set while Failed
-    # Analysis: counts cumulated since the rollout started, per signal (canaryd.core.judge.SignalTally lists),
-    # the end of the last round's window (the next round measures from there) and when the next round is due.
+    # Analysis: since when counts are cumulated (the first weight written), the latest cumulative counts per
+    # signal (canaryd.core.judge.SignalTally lists) and when the next round is due.
     tallies: dict[str, list[float | None]] = field(default_factory=dict)
-    analyzed_at: str | None = None
+    counted_since: str | None = None
     next_round_at: str | None = None
     history: tuple[AnalysisRecord, ...] = ()
     intents: tuple[IntentRecord, ...] = ()
@@ -176,7 +176,7 @@ class RolloutState:
                 paused_phase=_opt_phase(d.get("paused_phase")),
                 failure=None if d.get("failure") is None else Failure(d["failure"]),
                 tallies=_tallies(d.get("tallies", {})),
-                analyzed_at=d.get("analyzed_at"),
+                counted_since=d.get("counted_since"),
                 next_round_at=d.get("next_round_at"),
                 history=tuple(AnalysisRecord(**h) for h in d.get("history", [])),
                 intents=tuple(IntentRecord(**i) for i in d.get("intents", [])),
@@ -214,7 +214,7 @@ class RolloutState:
             "updated_at",
             "next_at",
             "waiting_since",
-            "analyzed_at",
+            "counted_since",
             "next_round_at",
         ):
             parse_ts(getattr(self, name))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from canaryd.core.analysis import AnalysisTarget, Judgement, Verdict
+from canaryd.core.judge import judge_round
 from canaryd.errors import MetricsError
 from canaryd.metrics import PrometheusAnalyzer
 from canaryd.metrics.envoy import EnvoySignal
@@ -24,6 +25,12 @@ pytestmark = pytest.mark.integration
 
 WINDOW_S = 8.0
 SPEC = analysis_spec(window_s=WINDOW_S)
+
+
+async def judged(analyzer: PrometheusAnalyzer, t: AnalysisTarget) -> list[Judgement]:
+    """The analyzer's counts for one window, judged as a rollout's first round (the engine's judge)."""
+    n = len(t.spec.signals)
+    return [judge_round(o, t.spec, signals=n)[0] for o in await analyzer.analyze(t)]
 
 
 def new_namespace() -> str:
@@ -91,7 +98,7 @@ async def analyzer(prometheus: PrometheusServer) -> AsyncIterator[PrometheusAnal
 
 
 async def one(analyzer: PrometheusAnalyzer, t: AnalysisTarget) -> tuple[Verdict, str]:
-    (judgement,) = await analyzer.analyze(t)
+    (judgement,) = await judged(analyzer, t)
     return judgement.verdict, judgement.reason
 
 
@@ -104,7 +111,7 @@ async def test_healthy_canary_passes(
     await wait_for_full_window(prometheus, ns, 2)
     verdict, reason = await one(analyzer, target(ns, latency_max_ms=250.0))
     assert verdict is Verdict.PASS, reason
-    assert "canary success rate" in reason and "latency" in reason
+    assert "no harm shown" in reason and "slow" in reason and "evidence of harm" in reason
 
 
 async def test_canary_with_more_errors_than_stable_fails(
@@ -116,7 +123,7 @@ async def test_canary_with_more_errors_than_stable_fails(
     await wait_for_full_window(prometheus, ns, 2)
     verdict, reason = await one(analyzer, target(ns))
     assert verdict is Verdict.FAIL, reason
-    assert "canary success rate 95" in reason
+    assert "canary error rate ≥" in reason and "allowed" in reason
     # The relative test alone also catches it when the absolute bar is low.
     verdict, reason = await one(analyzer, target(ns, success_rate_min=90.0))
     assert verdict is Verdict.FAIL, reason
@@ -129,11 +136,15 @@ async def test_too_little_traffic_is_inconclusive(
     ns = new_namespace()
     per_second = 20 / WINDOW_S  # about 20 requests per window
     exporter.set_backend(cluster(ns, "whoami", "whoami-v1"), rps=100)
-    exporter.set_backend(cluster(ns, "whoami", "whoami-v2"), rps=per_second, error_ratio=0.5)
-    await wait_for_full_window(prometheus, ns, 2)
+    exporter.set_backend(cluster(ns, "whoami", "whoami-v2"), rps=per_second, error_ratio=0.0)
+    exporter.set_backend(cluster(ns, "whoami", "whoami-v3"), rps=per_second, error_ratio=0.5)
+    await wait_for_full_window(prometheus, ns, 3)
     verdict, reason = await one(analyzer, target(ns, min_requests=50))
     assert verdict is Verdict.INCONCLUSIVE, reason
     assert "canary requests" in reason
+    # Few requests are no shelter for a bad canary: half of 20 failing is evidence enough.
+    verdict, reason = await one(analyzer, target(ns, canary="whoami-v3", min_requests=50))
+    assert verdict is Verdict.FAIL, reason
 
 
 async def test_latency_regression_alone_fails(
@@ -143,7 +154,7 @@ async def test_latency_regression_alone_fails(
     exporter.set_backend(cluster(ns, "whoami", "whoami-v1"), rps=100, latency_ms=20)
     exporter.set_backend(cluster(ns, "whoami", "whoami-v2"), rps=100, latency_ms=400)
     await wait_for_full_window(prometheus, ns, 2)
-    (j,) = await analyzer.analyze(target(ns, latency_max_ms=250.0))
+    (j,) = await judged(analyzer, target(ns, latency_max_ms=250.0))
     assert j.verdict is Verdict.FAIL, j.reason
     assert "latency" in j.reason and "success rate" not in j.reason
     assert j.canary is not None and j.canary.errors == 0
@@ -158,7 +169,7 @@ async def test_prometheus_down_is_error(tmp_path: Path) -> None:
     server.stop()
     analyzer = PrometheusAnalyzer(PrometheusSettings(url=url, timeout_s=3.0))
     try:
-        (j,) = await analyzer.analyze(target(new_namespace()))
+        (j,) = await judged(analyzer, target(new_namespace()))
     finally:
         await analyzer.aclose()
     assert j.verdict is Verdict.ERROR
@@ -169,11 +180,11 @@ async def test_promql_injection_is_refused(prometheus: PrometheusServer, analyze
     evil = 'whoami-v2"} or vector(1) #'
     with pytest.raises(MetricsError, match="canary"):
         EnvoySignal(analyzer.settings).prepare(target("prod", canary=evil))
-    (j,) = await analyzer.analyze(target("prod", canary=evil))
+    (j,) = await judged(analyzer, target("prod", canary=evil))
     assert j.verdict is Verdict.ERROR and "refusing" in j.reason
-    (j,) = await analyzer.analyze(target('prod",x="', signals=("dapr",), app_id="whoami"))
+    (j,) = await judged(analyzer, target('prod",x="', signals=("dapr",), app_id="whoami"))
     assert j.verdict is Verdict.ERROR and "refusing namespace" in j.reason
-    (j,) = await analyzer.analyze(target("prod", signals=("dapr",), app_id="a|b"))
+    (j,) = await judged(analyzer, target("prod", signals=("dapr",), app_id="a|b"))
     assert j.verdict is Verdict.ERROR and "app_id" in j.reason
     assert analyzer.client.queries_issued == 0  # refused before anything reached Prometheus
 
@@ -192,13 +203,13 @@ async def test_batched_query_count_is_constant(
 
     client = analyzer.client
     client.queries_issued = 0
-    await analyzer.analyze(targets[0])
+    await judged(analyzer, targets[0])
     single = client.queries_issued
     assert single == 2  # requests by code + latency buckets
 
     await asyncio.sleep(analyzer.answer_ttl(WINDOW_S))  # let that answer expire: no sharing below
     client.queries_issued = 0
-    results = await asyncio.gather(*(analyzer.analyze(t) for t in targets))
+    results = await asyncio.gather(*(judged(analyzer, t) for t in targets))
     assert client.queries_issued == single
     verdicts = [r[0].verdict for r in results]
     assert verdicts[7] is Verdict.FAIL, results[7][0].reason
@@ -210,7 +221,7 @@ async def test_batched_query_count_is_constant(
     await asyncio.sleep(analyzer.answer_ttl(WINDOW_S))
     client.queries_issued = 0
     other = [replace(t, spec=replace(t.spec, window_s=WINDOW_S - 2)) for t in targets[:5]]
-    await asyncio.gather(*(analyzer.analyze(t) for t in [*targets[:5], *other]))
+    await asyncio.gather(*(judged(analyzer, t) for t in [*targets[:5], *other]))
     assert client.queries_issued == 2 * single
 
 
@@ -224,7 +235,7 @@ async def test_batches_are_chunked(prometheus: PrometheusServer, exporter: Metri
     # Without answer sharing each chunk queries on its own.
     a = PrometheusAnalyzer(PrometheusSettings(url=prometheus.url, batch_max_targets=2, answer_ttl_s=0))
     try:
-        results = await asyncio.gather(*(a.analyze(t) for t in targets))
+        results = await asyncio.gather(*(judged(a, t) for t in targets))
         assert a.client.queries_issued == 2 * 3
         assert all(r[0].verdict is Verdict.PASS for r in results), results
     finally:
@@ -232,7 +243,7 @@ async def test_batches_are_chunked(prometheus: PrometheusServer, exporter: Metri
     # With it (the default), the chunks of one namespace share one answer.
     a = PrometheusAnalyzer(PrometheusSettings(url=prometheus.url, batch_max_targets=2))
     try:
-        results = await asyncio.gather(*(a.analyze(t) for t in targets))
+        results = await asyncio.gather(*(judged(a, t) for t in targets))
         assert a.client.queries_issued == 2
         assert all(r[0].verdict is Verdict.PASS for r in results), results
     finally:
@@ -264,7 +275,7 @@ async def test_answer_is_shared_across_batches_of_a_round(
 
     async def burst(ts: list[AnalysisTarget], delay: float) -> list[list[Judgement]]:
         await asyncio.sleep(delay)
-        return list(await asyncio.gather(*(analyzer.analyze(t) for t in ts)))
+        return list(await asyncio.gather(*(judged(analyzer, t) for t in ts)))
 
     client = analyzer.client
     client.queries_issued = 0
@@ -289,17 +300,17 @@ async def test_answer_is_shared_across_batches_of_a_round(
     # A batch of both namespaces is covered by neither answer; once asked, it covers both.
     client.queries_issued = 0
     mixed = targets(ns, range(2, 5)) + targets(other_ns, range(10, 13))
-    await asyncio.gather(*(analyzer.analyze(t) for t in mixed))
-    await asyncio.gather(*(analyzer.analyze(t) for t in targets(other_ns, range(5))))
+    await asyncio.gather(*(judged(analyzer, t) for t in mixed))
+    await asyncio.gather(*(judged(analyzer, t) for t in targets(other_ns, range(5))))
     assert client.queries_issued == 2
 
     # Another window is another answer; after the TTL the same batch asks again.
     client.queries_issued = 0
-    await analyzer.analyze(replace(targets(ns, range(1))[0], spec=replace(SPEC, window_s=WINDOW_S - 2)))
+    await judged(analyzer, replace(targets(ns, range(1))[0], spec=replace(SPEC, window_s=WINDOW_S - 2)))
     assert client.queries_issued == 2
     await asyncio.sleep(ttl)
     client.queries_issued = 0
-    (j,) = await analyzer.analyze(targets(ns, range(3, 4))[0])
+    (j,) = await judged(analyzer, targets(ns, range(3, 4))[0])
     assert client.queries_issued == 2 and j.verdict is Verdict.FAIL, j.reason
 
 
@@ -314,13 +325,13 @@ async def test_dapr_compares_app_ids_and_guards_whole_service(
     exporter.set_dapr("other", whole, rps=80, error_ratio=0.5)  # another caller, filtered out
     await wait_for_dapr_window(prometheus, [v1, v2, whole])
 
-    (j,) = await analyzer.analyze(target("prod", signals=("dapr",), app_id=v2, stable_app_id=v1))
+    (j,) = await judged(analyzer, target("prod", signals=("dapr",), app_id=v2, stable_app_id=v1))
     assert j.verdict is Verdict.FAIL, j.reason
     assert j.canary is not None and j.stable is not None
     assert 0.03 < j.canary.errors / j.canary.requests < 0.07  # 500s + lost requests
 
-    (j,) = await analyzer.analyze(
-        target("prod", signals=("dapr",), app_id=whole, caller_app_id="ingress", latency_max_ms=100.0)
+    (j,) = await judged(
+        analyzer, target("prod", signals=("dapr",), app_id=whole, caller_app_id="ingress", latency_max_ms=100.0)
     )
     assert j.verdict is Verdict.PASS, j.reason
     assert j.stable is None and j.canary is not None and j.canary.latency_ms is not None
@@ -342,12 +353,12 @@ async def test_custom_template(prometheus: PrometheusServer, exporter: MetricsEx
     await wait_for_full_window(prometheus, ns, 2)
     a = PrometheusAnalyzer(PrometheusSettings(url=prometheus.url, custom_templates_file=str(templates)))
     try:
-        (j,) = await a.analyze(target(ns, signals=("custom:envoy-total",)))
+        (j,) = await judged(a, target(ns, signals=("custom:envoy-total",)))
         assert j.verdict is Verdict.FAIL, j.reason
         assert j.canary is not None and 0.05 < j.canary.errors / j.canary.requests < 0.15
-        (j,) = await a.analyze(target(ns, signals=("custom:missing",)))
+        (j,) = await judged(a, target(ns, signals=("custom:missing",)))
         assert j.verdict is Verdict.ERROR and "envoy-total" in j.reason
-        (j,) = await a.analyze(replace(target(ns, signals=("custom:envoy-total",)), route="r}"))
+        (j,) = await judged(a, replace(target(ns, signals=("custom:envoy-total",)), route="r}"))
         assert j.verdict is Verdict.ERROR and "route" in j.reason
     finally:
         await a.aclose()
@@ -362,7 +373,7 @@ async def test_sample_templates_are_valid_promql(prometheus: PrometheusServer) -
     a = PrometheusAnalyzer(settings)
     try:
         for name in ("hubble", "envoy-xx", "app-http"):
-            (j,) = await a.analyze(target(new_namespace(), signals=(f"custom:{name}",), app_id="x"))
+            (j,) = await judged(a, target(new_namespace(), signals=(f"custom:{name}",), app_id="x"))
             # No data for these series here: a parse error would be ERROR instead.
             assert j.verdict is Verdict.INCONCLUSIVE, (name, j.reason)
     finally:

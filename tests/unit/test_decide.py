@@ -164,5 +164,7 @@ def test_evidence_survives_a_restart_through_the_annotation() -> None:
     assert d.state is not None
     stored = RolloutState.from_annotation(d.state.to_annotation())  # what a new process reads back
     assert stored.tallies == d.state.tallies and stored.tallies["envoy"][0] == 5
-    d2 = run(s, stored, T0 + timedelta(seconds=20), observations=j(Verdict.INCONCLUSIVE))
+    more = [Observation("envoy", BackendStats(10, 0), BackendStats(2000, 0))]  # the counts since the start, grown
+    d2 = run(s, stored, T0 + timedelta(seconds=20), observations=more)
     assert d2.state is not None and d2.state.tallies["envoy"][0] == 10
+    assert d2.state.counted_since == stored.counted_since == d.state.step_started_at

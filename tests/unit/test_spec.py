@@ -35,7 +35,7 @@ def test_defaults_and_overrides() -> None:
     )
     assert s.steps == (10, 50, 100) and s.interval_s == 120
     assert s.analysis.signals == ("envoy", "dapr") and s.analysis.latency_max_ms == 250
-    assert s.analysis.failure_threshold == 3 and s.analysis.window_s == 120
+    assert s.analysis.failure_threshold == 3 and s.analysis.window_s == 86_400  # cumulative: up to a day
 
 
 def test_step_weight_and_max() -> None:
