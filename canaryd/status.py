@@ -148,7 +148,7 @@ def step_text(st: RolloutState | None) -> str:
     return f"{st.step + 1}/{len(st.steps)}"
 
 
-def record_numbers(r: AnalysisRecord) -> str:
+def record_numbers(r: AnalysisRecord, *, evidence: bool = False) -> str:
     """'canary 99.5% vs stable 99.9%, 1,200 vs 4,800 req' (what is known of it)."""
     parts: list[str] = []
     if r.canary_success is not None or r.stable_success is not None:
@@ -160,7 +160,23 @@ def record_numbers(r: AnalysisRecord) -> str:
         parts.append(f"{req} req")
     if r.canary_latency_ms is not None:
         parts.append(f"{_num(r.canary_latency_ms)}ms vs {_num(r.stable_latency_ms)}ms")
+    ev = evidence_text(r) if evidence else ""
+    if ev:
+        parts.append(ev)
     return ", ".join(parts)
+
+
+def evidence_text(r: AnalysisRecord) -> str:
+    """'evidence of harm 12.4 (rolls back at 125)', the cumulative test's standing after this round."""
+    if r.evidence is None or r.threshold is None:
+        return ""
+    return f"evidence of harm {_sig(r.evidence)} (rolls back at {_sig(r.threshold)})"
+
+
+def _sig(v: float) -> str:
+    if v >= 1e6:
+        return f"{v:.2g}"
+    return f"{v:,.3g}" if v < 100 else f"{v:,.0f}"
 
 
 def last_round(st: RolloutState | None) -> list[AnalysisRecord]:
@@ -171,12 +187,12 @@ def last_round(st: RolloutState | None) -> list[AnalysisRecord]:
     return [r for r in st.history if r.at == last.at and r.step == last.step]
 
 
-def verdict_text(st: RolloutState | None, color: bool = False) -> str:
+def verdict_text(st: RolloutState | None, color: bool = False, *, evidence: bool = False) -> str:
     rnd = last_round(st)
     if not rnd:
         return "-"
     worst = next((r for v in ("error", "fail", "inconclusive", "pass") for r in rnd if r.verdict == v), rnd[0])
-    nums = record_numbers(worst)
+    nums = record_numbers(worst, evidence=evidence)
     label = worst.verdict
     if color:
         label = f"{_VERDICT_COLORS.get(label, '')}{_VERDICT_SYMBOLS.get(label, '')} {label}{_RESET}"
@@ -318,7 +334,7 @@ def render_detail(
     kv += [
         ("Step", step_text(st)),
         ("Weights", weights_text(rs.weights)),
-        ("Verdict", verdict_text(st, color)),
+        ("Verdict", verdict_text(st, color, evidence=True)),
         ("Next", next_text(st, now)),
         ("Started", "-" if st is None else f"{st.started_at} ({age_text(st, now)} ago)"),
         ("Updated", "-" if st is None else f"{st.updated_at} ({_ago(st.updated_at, now)})"),
@@ -354,7 +370,10 @@ def render_detail(
     if st is None or not st.history:
         out.append("  <none>")
     else:
-        rows = [(r.at, str(r.step + 1), r.signal, r.verdict, record_numbers(r) or "-", r.reason) for r in st.history]
+        rows = [
+            (r.at, str(r.step + 1), r.signal, r.verdict, record_numbers(r, evidence=True) or "-", r.reason)
+            for r in st.history
+        ]
         out.append(table(("AT", "STEP", "SIGNAL", "VERDICT", "NUMBERS", "REASON"), rows, indent="  ").rstrip("\n"))
 
     out.append("")
@@ -401,6 +420,8 @@ def _record_doc(r: AnalysisRecord) -> dict[str, Any]:
         "reason": r.reason,
         "canary": {"requests": r.canary_requests, "successRate": r.canary_success, "latencyMs": r.canary_latency_ms},
         "stable": {"requests": r.stable_requests, "successRate": r.stable_success, "latencyMs": r.stable_latency_ms},
+        "evidence": r.evidence,
+        "threshold": r.threshold,
     }
 
 

@@ -41,6 +41,7 @@ APP_ID = PREFIX + "app-id"
 STABLE_APP_ID = PREFIX + "stable-app-id"
 CALLER_APP_ID = PREFIX + "caller-app-id"
 PORT = PREFIX + "port"
+COUNT_4XX = PREFIX + "count-4xx"
 # Controller-owned / CLI-written:
 STATE = PREFIX + "state"
 INTENT = PREFIX + "intent"
@@ -70,6 +71,7 @@ USER_ANNOTATIONS = (
     STABLE_APP_ID,
     CALLER_APP_ID,
     PORT,
+    COUNT_4XX,
 )
 
 
@@ -104,6 +106,8 @@ class RolloutDefaults(BaseModel):
     """Tolerated extra error rate of the canary over the stable, in percentage points."""
     max_errors: int = 3
     """Consecutive analysis errors (Prometheus down, bad answer) before rolling back."""
+    count_4xx: bool = False
+    """Count 4xx responses as errors too (by default only 5xx, and for Dapr non-OK gRPC codes, are errors)."""
 
 
 Intent = Literal["promote", "abort", "pause", "resume", "retry"]
@@ -135,6 +139,7 @@ class AnalysisSpec:
     app_id: str | None
     stable_app_id: str | None
     caller_app_id: str | None
+    count_4xx: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -323,6 +328,7 @@ def parse_spec(annotations: Mapping[str, str], defaults: RolloutDefaults) -> Rol
         app_id=app_id,
         stable_app_id=_name(STABLE_APP_ID, a[STABLE_APP_ID]) if STABLE_APP_ID in a else None,
         caller_app_id=_name(CALLER_APP_ID, a[CALLER_APP_ID]) if CALLER_APP_ID in a else None,
+        count_4xx=_bool(COUNT_4XX, a[COUNT_4XX]) if COUNT_4XX in a else defaults.count_4xx,
     )
     return RolloutSpec(
         canary=canary,
@@ -333,6 +339,15 @@ def parse_spec(annotations: Mapping[str, str], defaults: RolloutDefaults) -> Rol
         port=port,
         analysis=analysis,
     )
+
+
+def _bool(annotation: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("true", "yes", "1"):
+        return True
+    if v in ("false", "no", "0"):
+        return False
+    raise SpecError(annotation, f"{quote(raw)} is not 'true' or 'false'")
 
 
 def _on_inconclusive(raw: str) -> Literal["pause", "rollback"]:

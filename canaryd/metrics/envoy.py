@@ -52,6 +52,7 @@ class EnvoyTarget:
     stable_name: str  # literal backend names: a cheap pre-filter before the regex
     canary_name: str
     latency_max_ms: float | None = None
+    count_4xx: bool = False  # the one error policy: 5xx are errors; 4xx only when the route says so
 
 
 def cluster_pattern(template: str, *, namespace: str, service: str, port: int, parent: str) -> str:
@@ -73,7 +74,7 @@ def cluster_pattern(template: str, *, namespace: str, service: str, port: int, p
 class EnvoyIndex:
     """One answer of both envoy queries, reduced: what ``match`` needs and nothing else."""
 
-    totals: dict[str, list[float]]  # cluster name -> [requests, 5xx]
+    totals: dict[str, list[float]]  # cluster name -> [requests, 5xx, 4xx]
     buckets: dict[str, dict[float, float]]  # cluster name -> {le: rate}
     names: list[str] = field(default_factory=list)
     by_run: dict[str, list[str]] = field(default_factory=dict)  # DNS-label run -> cluster names
@@ -106,10 +107,13 @@ def _reduce_requests(label: str) -> Callable[[Pairs], dict[str, list[float]]]:
             name = labels.get(label, "")
             acc = totals.get(name)
             if acc is None:
-                acc = totals[name] = [0.0, 0.0]
+                acc = totals[name] = [0.0, 0.0, 0.0]
             acc[0] += value
-            if str(labels.get(CODE_LABEL, "")).startswith("5"):
+            code = str(labels.get(CODE_LABEL, ""))
+            if code.startswith("5"):
                 acc[1] += value
+            elif code.startswith("4"):
+                acc[2] += value
         return totals
 
     return reduce
@@ -166,6 +170,7 @@ class EnvoySignal:
             stable_name=target.stable,
             canary_name=target.canary,
             latency_max_ms=target.spec.latency_max_ms,
+            count_4xx=target.spec.count_4xx,
         )
 
     def scope(self, items: Sequence[EnvoyTarget]) -> frozenset[str]:
@@ -219,11 +224,11 @@ class EnvoySignal:
         return index.names
 
     def match(self, index: EnvoyIndex, items: Sequence[EnvoyTarget]) -> list[Observation]:
-        cache: dict[tuple[float, float | None, str], BackendStats] = {}
+        cache: dict[tuple[float, float | None, bool, str], BackendStats] = {}
         empty: dict[float, float] = {}
 
-        def stats(pattern: str, literal: str, quantile: float, limit: float | None) -> BackendStats:
-            key = (quantile, limit, pattern)
+        def stats(pattern: str, literal: str, quantile: float, limit: float | None, count_4xx: bool) -> BackendStats:
+            key = (quantile, limit, count_4xx, pattern)
             hit = cache.get(key)
             if hit is not None:
                 return hit
@@ -234,7 +239,7 @@ class EnvoySignal:
                 t = index.totals.get(n)
                 if t is not None:
                     req += t[0]
-                    err += t[1]
+                    err += t[1] + (t[2] if count_4xx else 0.0)
             if len(matched) == 1:
                 merged = index.buckets.get(matched[0], empty)
             else:
@@ -251,8 +256,8 @@ class EnvoySignal:
         return [
             Observation(
                 self.name,
-                canary=stats(t.canary, t.canary_name if self._named else "", t.quantile, t.latency_max_ms),
-                stable=stats(t.stable, t.stable_name if self._named else "", t.quantile, t.latency_max_ms),
+                canary=stats(t.canary, t.canary_name if self._named else "", t.quantile, t.latency_max_ms, t.count_4xx),
+                stable=stats(t.stable, t.stable_name if self._named else "", t.quantile, t.latency_max_ms, t.count_4xx),
             )
             for t in items
         ]

@@ -52,6 +52,8 @@ def _rec(
         canary_success=cs,
         stable_requests=sr,
         stable_success=ss,
+        evidence=None if verdict == "error" else {"fail": 3.1e4, "pass": 0.02}.get(verdict, 4.5),
+        threshold=None if verdict == "error" else 125.0,
     )
 
 

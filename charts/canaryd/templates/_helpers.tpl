@@ -85,7 +85,8 @@ app.kubernetes.io/part-of: canaryd
   "on_inconclusive" $d.onInconclusive
   "confidence" (float64 $d.confidence)
   "tolerance_pct" (float64 $d.tolerancePct)
-  "max_errors" (int64 $d.maxErrors) }}
+  "max_errors" (int64 $d.maxErrors)
+  "count_4xx" $d.count4xx }}
 {{- if not (kindIs "invalid" $d.latencyMaxMs) }}
 {{- $_ := set $defaults "latency_max_ms" (float64 $d.latencyMaxMs) }}
 {{- end }}
