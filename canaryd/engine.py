@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,9 +25,12 @@ from canaryd.core.admit import Admission, admit, is_managed
 from canaryd.core.analysis import AnalysisTarget, Analyzer, Observation
 from canaryd.core.backends import Pair, RouteRef, annotation_ops, weight_ops
 from canaryd.core.decide import Decision, Event, decide
+from canaryd.core.hooks import key as hook_key
 from canaryd.core.spec import INTENT, STATE
 from canaryd.core.state import Failure, Phase, RolloutState
 from canaryd.errors import CanarydError, ConflictError, InvalidError, NotFoundError
+from canaryd.hooks import HookRunner, Notifier, payload_from_state
+from canaryd.hooks.config import catalog as hook_catalog
 from canaryd.kube import Api
 from canaryd.kube.api import lister
 from canaryd.kube.events import EventRecorder
@@ -87,6 +90,10 @@ class Engine:
         self._waiters: dict[Key, set[Key]] = {}  # canary service -> routes
         self._shown: dict[Key, tuple[str, int, int]] = {}  # what the gauges show per route
         self._refusals: dict[Key, int] = {}  # writes the apiserver refused as invalid, per route
+        self.catalog = hook_catalog(settings.hooks)
+        self.hooks = HookRunner(settings.hooks, metrics_registry=self.metrics.registry)
+        self.notifier = Notifier(settings.hooks, metrics_registry=self.metrics.registry)
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.informers: list[Informer] = []
         self._stopping = False
 
@@ -211,21 +218,27 @@ class Engine:
 
     async def _reconcile(self, obj: dict[str, Any]) -> datetime | None:
         observations: list[Observation] | None = None
+        answers: dict[str, tuple[bool, str]] | None = None
         ref = RouteRef(obj["metadata"]["namespace"], obj["metadata"]["name"])
         for _attempt in range(MAX_CONFLICT_RETRIES):
-            adm = admit(obj, self, self.settings.defaults, self.clock())
-            facts = dataclasses.replace(adm.facts, observations=observations)
+            adm = admit(obj, self, self.settings.defaults, self.clock(), self.catalog)
+            facts = dataclasses.replace(adm.facts, observations=observations, hook_results=answers)
             d = decide(facts)
             if d.analyze and adm.pair is not None and adm.spec is not None:
                 observations = await self._analyze(obj, adm, d.window_s)
                 # Measuring takes time: decide (and schedule the next round) from when it ended.
-                d = decide(dataclasses.replace(facts, observations=observations, now=self.clock()))
+                facts = dataclasses.replace(facts, observations=observations, now=self.clock())
+                d = decide(facts)
                 self._log_round(d)
+            if d.call_hooks:
+                answers = await self._call_gates(obj, d)
+                d = decide(dataclasses.replace(facts, hook_results=answers, now=self.clock()))
             if adm.spec is not None:
                 self._wait_on((ref.namespace, ref.name), (ref.namespace, adm.spec.canary))
             try:
                 await self._apply(obj, d, adm.pair, adm.raw_intent, facts.state)
                 self._refusals.pop((ref.namespace, ref.name), None)
+                self._after_patch(obj, d, adm)
                 return d.wake_at
             except ConflictError as exc:
                 log.info("conflict_rereading", error=str(exc))
@@ -284,6 +297,51 @@ class Engine:
             return await self.analyzer.analyze(target)
         except CanarydError as exc:
             return [Observation(s, None, None, error=str(exc)) for s in signals]
+
+    async def _call_gates(self, obj: dict[str, Any], d: Decision) -> dict[str, tuple[bool, str]]:
+        """Call the gates the decision names (concurrently); answers keyed as the state records them."""
+        st = d.state
+        assert st is not None
+        meta = obj["metadata"]
+        now = self.clock()
+
+        async def one(kind: str, name: str) -> tuple[str, tuple[bool, str]]:
+            payload = payload_from_state(
+                kind="HookCall", name=name, type=kind, namespace=meta["namespace"], route=meta["name"], state=st, at=now
+            )
+            result = await self.hooks.call(name, kind, payload)
+            log.info("hook_answered", hook=name, kind=kind, ok=result.ok, status=result.status, reason=result.reason)
+            return hook_key(kind, st.step, name), (result.ok, result.reason)
+
+        return dict(await asyncio.gather(*(one(k, n) for k, n in d.call_hooks)))
+
+    def _after_patch(self, obj: dict[str, Any], d: Decision, adm: Admission) -> None:
+        """Triggers and notifications go out after the patch, off the critical path, never blocking."""
+        st = d.state
+        if st is None or not (d.fire_hooks or d.transitions):
+            return
+        meta = obj["metadata"]
+        now = self.clock()
+        for kind, name in d.fire_hooks:
+            payload = payload_from_state(
+                kind="HookCall", name=name, type=kind, namespace=meta["namespace"], route=meta["name"], state=st, at=now
+            )
+            self._background(self.hooks.call(name, kind, payload))
+        if d.transitions:  # one phase entered per decision; notifiers filter on the payload's phase
+            payload = payload_from_state(
+                kind="Notification",
+                type="transition",
+                namespace=meta["namespace"],
+                route=meta["name"],
+                state=st,
+                at=now,
+            )
+            self.notifier.notify_soon(payload, None if adm.notifiers is None else list(adm.notifiers))
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _log_round(self, d: Decision) -> None:
         """One canonical line per analysis round, from the records the decision added."""
@@ -374,4 +432,6 @@ class Engine:
                 t.cancel()
             await asyncio.gather(*tasks, *workers, return_exceptions=True)
             events.cancel()  # after the workers: it flushes what they queued last
-            await asyncio.gather(events, return_exceptions=True)
+            await asyncio.gather(events, *self._tasks, return_exceptions=True)
+            await self.hooks.aclose()
+            await self.notifier.aclose()

@@ -9,7 +9,7 @@ to the cluster, or print — ``canaryd.commands.control`` renders the report.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -257,7 +257,3 @@ async def _check_analysis(
             )
         else:
             report.ok("analysis", f"signal {j.signal} measured; the judge would say {j.verdict.value} now: {j.reason}")
-
-
-def describe(findings: Sequence[Finding]) -> list[str]:
-    return [f"{f.check}: {f.message}" for f in findings]

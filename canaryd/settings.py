@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from canaryd.core.spec import RolloutDefaults
+from canaryd.hooks.config import HooksSettings
 
 
 class PrometheusSettings(BaseModel):
@@ -29,9 +30,11 @@ class PrometheusSettings(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = 10.0
     max_concurrency: int = 4
-    envoy_cluster_pattern: str = ".*[:_/]{namespace}[:_/]{service}[:_]{port}$"
-    """Regex matched against ``envoy_cluster_name``; ``{namespace}``/``{service}``/``{port}``
-    are substituted (escaped). Cilium names GAMMA clusters ``<ns>/<parent>/<ns>:<svc>:<port>``."""
+    envoy_cluster_pattern: str = "^{namespace}[/_]{parent}[/_]{namespace}[:_]{service}[:_]{port}$"
+    """Regex matched against ``envoy_cluster_name``; ``{namespace}``/``{service}``/``{port}``/``{parent}``
+    are substituted (escaped). Cilium names GAMMA clusters ``<ns>/<parent>/<ns>:<svc>:<port>`` (``_`` for
+    ``:`` in stats); pinned to the GAMMA parent so the same backend under a north-south Gateway
+    (``<ns>/cilium-gateway-<gw>/...``) or an ext_authz cluster is not counted."""
     envoy_cluster_label: str = "envoy_cluster_name"
     custom_templates_file: str | None = None
     batch_window_s: float = 0.05
@@ -66,6 +69,8 @@ class Settings(BaseSettings):
     field_manager: str = "canaryd"
     defaults: RolloutDefaults = Field(default_factory=RolloutDefaults)
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+    hooks: HooksSettings = Field(default_factory=HooksSettings)
+    """Named hooks (gates and triggers) and notifiers routes may opt into by name (docs/hooks.md)."""
 
     @classmethod
     def settings_customise_sources(
@@ -93,7 +98,3 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         return data
-
-
-def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)

@@ -156,13 +156,19 @@ async def wait_events(
 
 @asynccontextmanager
 async def running_engine(
-    api: client.ApiClient, namespace: str, *, prometheus_url: str | None = None, analyzer: bool = False
+    api: client.ApiClient,
+    namespace: str,
+    *,
+    prometheus_url: str | None = None,
+    analyzer: bool = False,
+    **settings_overrides: Any,
 ) -> AsyncIterator[Engine]:
     """The real controller in-process, watching one namespace, cancelled on exit."""
     settings = Settings(
         leader_election=False,
         namespaces=[namespace],
         prometheus=PrometheusSettings(url=prometheus_url or "http://127.0.0.1:9"),
+        **settings_overrides,
     )
     prom = PrometheusAnalyzer(settings.prometheus) if analyzer else None
     engine = Engine(api, settings, analyzer=prom)

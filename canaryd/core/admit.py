@@ -24,6 +24,7 @@ from canaryd.core import spec as ann
 from canaryd.core.backends import Pair, gamma_parents, resolve_pair
 from canaryd.core.decide import Facts
 from canaryd.core.errors import RouteError, SpecError, StateError
+from canaryd.core.hooks import HookCatalog, route_hooks, route_notifiers
 from canaryd.core.plan import canary_percent
 from canaryd.core.spec import Intent, RolloutDefaults, RolloutSpec
 from canaryd.core.state import Failure, Phase, RolloutState
@@ -66,6 +67,7 @@ class Admission:
     pair: Pair | None = None
     parent: str | None = None  # the GAMMA parent Service
     raw_intent: str | None = None
+    notifiers: tuple[str, ...] | None = None  # the route's notifiers; None = the cluster default
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,9 @@ class _Reading:
     current: int = 0
     canary_gone: bool = False
     bad_intent: str | None = None
+    catalog: HookCatalog = field(default_factory=HookCatalog)
+    hooks: tuple[str, ...] = ()
+    notifiers: tuple[str, ...] | None = None
 
     def problem(self, check: str, message: str, annotation: str | None = None, *, blocking: bool = True) -> None:
         self.problems.append(Problem(check, message, annotation, blocking))
@@ -101,12 +106,20 @@ def is_managed(obj: Mapping[str, Any]) -> bool:
     return ann.CANARY in a or ann.STATE in a
 
 
-def admit(obj: Mapping[str, Any], view: ClusterView, defaults: RolloutDefaults, now: datetime) -> Admission:
+def admit(
+    obj: Mapping[str, Any],
+    view: ClusterView,
+    defaults: RolloutDefaults,
+    now: datetime,
+    catalog: HookCatalog | None = None,
+) -> Admission:
     meta = obj["metadata"]
     a: Mapping[str, str] = meta.get("annotations") or {}
     r = _Reading(where=f"httproute {meta.get('namespace')}/{meta.get('name')}", namespace=meta.get("namespace", ""))
+    r.catalog = catalog or HookCatalog()
     _read_state(r, a)
     _read_spec(r, a, defaults)
+    _read_hooks(r, a)
     if r.spec is not None and _needs_route(r):
         _read_route(r, obj, view)
     facts = _facts(r, view, now)
@@ -117,7 +130,19 @@ def admit(obj: Mapping[str, Any], view: ClusterView, defaults: RolloutDefaults, 
         pair=r.pair,
         parent=r.parent,
         raw_intent=a.get(ann.INTENT),
+        notifiers=r.notifiers,
     )
+
+
+def _read_hooks(r: _Reading, a: Mapping[str, str]) -> None:
+    try:
+        r.hooks = route_hooks(a, r.catalog)
+    except SpecError as exc:
+        r.problem("annotations", f"{r.where}: annotation {exc}", exc.annotation)
+    try:
+        r.notifiers = route_notifiers(a, r.catalog)
+    except SpecError as exc:
+        r.problem("annotations", f"{r.where}: annotation {exc}", exc.annotation)
 
 
 def _read_state(r: _Reading, a: Mapping[str, str]) -> None:
@@ -224,4 +249,6 @@ def _facts(r: _Reading, view: ClusterView, now: datetime) -> Facts:
         bad_intent=r.bad_intent,
         canary_hint=r.spec.canary if r.spec else "",
         stable_hint=r.pair.stable if r.pair else "",
+        catalog=r.catalog,
+        hooks=r.hooks,
     )

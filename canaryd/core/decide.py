@@ -12,11 +12,13 @@ applied; then the phase's handler runs. Every path leaves through ``_Run.done``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from canaryd.core.analysis import Judgement, Observation, Verdict
+from canaryd.core.hooks import HookCatalog, due
+from canaryd.core.hooks import key as hook_key
 from canaryd.core.judge import combine, judge_round
 from canaryd.core.spec import Intent, RolloutSpec
 from canaryd.core.state import AnalysisRecord, Failure, IntentRecord, Phase, RolloutState, parse_ts, ts
@@ -45,6 +47,9 @@ class Facts:
     bad_intent: str | None = None  # an unreadable intent annotation: consumed, recorded as ignored
     canary_hint: str = ""  # the canary (and stable) named on the route, for a Failed state made from nothing
     stable_hint: str = ""
+    catalog: HookCatalog = field(default_factory=HookCatalog)
+    hooks: tuple[str, ...] = ()  # the hooks the route opted into
+    hook_results: Mapping[str, tuple[bool, str]] | None = None  # key(kind, step, name) -> (2xx?, reason)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class Decision:
     window_s: float | None = None  # with analyze: measure this many seconds back (since the last round)
     consume_intent: bool = False
     transitions: tuple[str, ...] = field(default=())  # phases entered, for metrics
+    call_hooks: tuple[tuple[str, str], ...] = ()  # gates to call now, (kind, name); then decide again
+    fire_hooks: tuple[tuple[str, str], ...] = ()  # triggers to call after the patch (recorded in the state)
 
 
 def weights_text(stable: str, canary: str, pct: int) -> str:
@@ -91,8 +98,11 @@ class _Run:
         wake: datetime | None = None,
         enter: Phase | None = None,
         write: bool = True,
+        fire: tuple[tuple[str, str], ...] = (),
     ) -> Decision:
         """The single exit: write ``state`` when asked to or when this call changed it."""
+        if fire and state is not None:  # recorded in the same patch: a restart never fires them again
+            state = state.with_(hooks_done=(*state.hooks_done, *(hook_key(k, state.step, n) for k, n in fire)))
         return Decision(
             state=state if (write or self.changed) else None,
             canary_pct=pct,
@@ -100,7 +110,11 @@ class _Run:
             wake_at=wake,
             consume_intent=self.consume,
             transitions=() if enter is None else (enter.value,),
+            fire_hooks=fire,
         )
+
+    def triggers(self, kind: str, st: RolloutState) -> tuple[tuple[str, str], ...]:
+        return tuple((kind, n) for n in due(self.f.catalog, self.f.hooks, kind, st.step, st.hooks_done))
 
     def hold(self, state: RolloutState, wake: datetime | None) -> Decision:
         return self.done(state, wake=wake, write=False)
@@ -221,7 +235,7 @@ def _fresh(spec: RolloutSpec, stable: str, now: datetime, current_pct: int) -> R
 
 
 # --- outcomes --------------------------------------------------------------------------------------
-def _rollback(run: _Run, st: RolloutState, why: str, reason: str = "RolledBack") -> Decision:
+def _rollback(run: _Run, st: RolloutState, why: str, reason: str = "RolledBack", *, weights: bool = True) -> Decision:
     new = st.with_(
         phase=Phase.ROLLED_BACK,
         canary_weight=0,
@@ -232,7 +246,9 @@ def _rollback(run: _Run, st: RolloutState, why: str, reason: str = "RolledBack")
         failure=None,
     )
     run.event("Warning", reason, f"rolled back to {st.stable}: {why}")
-    return run.done(new, pct=0, enter=Phase.ROLLED_BACK)
+    if not weights:  # nothing was shifted yet: the route keeps the weights it has
+        new = new.with_(canary_weight=st.canary_weight)
+    return run.done(new, pct=0 if weights else None, enter=Phase.ROLLED_BACK, fire=run.triggers("rollback", new))
 
 
 def _promote(run: _Run, st: RolloutState, why: str) -> Decision:
@@ -249,7 +265,7 @@ def _promote(run: _Run, st: RolloutState, why: str) -> Decision:
         failure=None,
     )
     run.event("Normal", "Promoted", f"{st.canary} promoted ({why}); {weights_text(st.stable, st.canary, 100)}")
-    return run.done(new, pct=100, enter=Phase.PROMOTED)
+    return run.done(new, pct=100, enter=Phase.PROMOTED, fire=run.triggers("post-rollout", new))
 
 
 # --- intents ---------------------------------------------------------------------------------------
@@ -543,9 +559,41 @@ def _not_ready(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
     return run.done(waiting, wake=deadline, enter=Phase.WAITING)
 
 
+def _gate(run: _Run, st: RolloutState, spec: RolloutSpec, kind: str) -> Decision | None:
+    """Gates (pre-rollout, confirm-step, confirm-promotion) must answer 2xx before the weights move.
+
+    Each answer is written to the state in a patch of its own before anything moves, so a restart
+    does not ask again; a refusal or a timeout holds (pre-rollout: rolls back, weights untouched)."""
+    pending = due(run.f.catalog, run.f.hooks, kind, st.step, st.hooks_done)
+    if not pending:
+        return None
+    results = run.f.hook_results
+    if results is None:  # (the state rides along for the payload; the engine calls, then decides again)
+        return Decision(state=st, call_hooks=tuple((kind, n) for n in pending))
+    answers = {n: results.get(hook_key(kind, st.step, n), (False, "not called")) for n in pending}
+    passed = tuple(hook_key(kind, st.step, n) for n, (ok, _) in answers.items() if ok)
+    refused = [(n, why) for n, (ok, why) in answers.items() if not ok]
+    run.changed = True
+    st = st.with_(hooks_done=(*st.hooks_done, *passed), updated_at=ts(run.now))
+    if not refused:
+        return run.done(st, wake=run.now)  # the answers are on record; the weights move on the next pass
+    name, why = refused[0]
+    if kind == "pre-rollout":
+        return _rollback(run, st, f"pre-rollout hook {name}: {why}", "HookFailed", weights=False)
+    message = f"waiting for {kind} hook {name}: {why}"
+    if message != st.message:
+        run.event("Warning", "HookHold", f"{_step_label(st)}: {message}")
+    retry = run.now + timedelta(seconds=min(spec.interval_s, 10.0))
+    return run.done(st.with_(message=message), wake=retry)
+
+
 def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
     nxt = st.step + 1
     pct = st.steps[nxt]
+    gate_kind = "pre-rollout" if st.step < 0 else "confirm-promotion" if pct >= 100 else "confirm-step"
+    gated = _gate(run, st, spec, gate_kind)
+    if gated is not None:
+        return gated
     if pct >= 100:
         return _promote(run, st, "all steps passed")
     wake = run.now + timedelta(seconds=spec.interval_s)
@@ -564,7 +612,8 @@ def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
         new = new.with_(counted_since=since, next_round_at=ts(_round_after(run.now, new, spec)))
         wake = parse_ts(new.next_round_at) or wake
     run.event("Normal", "StepAdvanced", new.message)
-    return run.done(new, pct=pct, wake=wake, enter=Phase.PROGRESSING if st.phase != Phase.PROGRESSING else None)
+    enter = Phase.PROGRESSING if st.phase != Phase.PROGRESSING else None
+    return run.done(new, pct=pct, wake=wake, enter=enter, fire=run.triggers("step", new))
 
 
 PHASES: dict[Phase, Callable[[_Run, RolloutState, RolloutSpec], Decision]] = {

@@ -42,6 +42,8 @@ STABLE_APP_ID = PREFIX + "stable-app-id"
 CALLER_APP_ID = PREFIX + "caller-app-id"
 PORT = PREFIX + "port"
 COUNT_4XX = PREFIX + "count-4xx"
+HOOKS = PREFIX + "hooks"  # names of hooks the cluster admin configured (canaryd.core.hooks)
+NOTIFY = PREFIX + "notify"
 # Controller-owned / CLI-written:
 STATE = PREFIX + "state"
 INTENT = PREFIX + "intent"
@@ -72,6 +74,8 @@ USER_ANNOTATIONS = (
     CALLER_APP_ID,
     PORT,
     COUNT_4XX,
+    HOOKS,
+    NOTIFY,
 )
 
 

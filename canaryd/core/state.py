@@ -111,16 +111,13 @@ class RolloutState:
     # signal (canaryd.core.judge.SignalTally lists) and when the next round is due.
     tallies: dict[str, list[float | None]] = field(default_factory=dict)
     counted_since: str | None = None
+    hooks_done: tuple[str, ...] = ()  # "kind:step:name" of every gate that answered 2xx and trigger fired
     next_round_at: str | None = None
     history: tuple[AnalysisRecord, ...] = ()
     intents: tuple[IntentRecord, ...] = ()
     observed_generation: int | None = None
     version: int = STATE_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def current_step_weight(self) -> int:
-        return 0 if self.step < 0 else self.steps[self.step]
 
     def with_(self, **changes: Any) -> RolloutState:
         return replace(self, **changes)
@@ -140,6 +137,7 @@ class RolloutState:
         d["steps"] = list(self.steps)
         d["history"] = [_compact(dict(vars(h))) for h in self.history]
         d["intents"] = [dict(vars(i)) for i in self.intents]
+        d["hooks_done"] = list(self.hooks_done)
         if not d["extra"]:
             del d["extra"]
         if not d["tallies"]:
@@ -177,6 +175,7 @@ class RolloutState:
                 failure=None if d.get("failure") is None else Failure(d["failure"]),
                 tallies=_tallies(d.get("tallies", {})),
                 counted_since=d.get("counted_since"),
+                hooks_done=tuple(str(h) for h in d.get("hooks_done", [])),
                 next_round_at=d.get("next_round_at"),
                 history=tuple(AnalysisRecord(**h) for h in d.get("history", [])),
                 intents=tuple(IntentRecord(**i) for i in d.get("intents", [])),

@@ -159,10 +159,6 @@ def _samples(pairs: Iterator[tuple[Mapping[str, str], float]]) -> list[Sample]:
     return [Sample({str(k): str(v) for k, v in labels.items()}, value) for labels, value in pairs]
 
 
-def _parse(raw: Any, url: str) -> list[Sample]:
-    return _samples(iter_samples(raw, url))
-
-
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 300 else text[:300] + "..."

@@ -64,7 +64,7 @@ def test_file_loads_and_equals_defaults(clean_env: pytest.MonkeyPatch) -> None:
 
 def test_file_names_every_field_and_nothing_else() -> None:
     data = yaml.safe_load(CONFIG.read_text())
-    nested = {"defaults", "prometheus"}
+    nested = {"defaults", "prometheus", "hooks"}
     in_file = _file_keys(data, nested)
     in_model = _model_keys(Settings)
     assert in_model - COMMENTED_ONLY - in_file == set(), "fields missing from config/canaryd.yaml"

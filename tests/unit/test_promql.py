@@ -217,3 +217,26 @@ def test_malformed_answers_are_refused() -> None:
         with pytest.raises(MetricsError, match="malformed sample"):
             list(iter_samples([bad], "http://p"))
     assert list(iter_samples([{"metric": {"a": "b"}, "value": [0, "NaN"]}], "http://p")) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "matches"),
+    [
+        ("default/whoami/default_whoami-v2_80", True),  # Cilium GAMMA, ':' read as '_'
+        ("default/whoami/default:whoami-v2:80", True),
+        ("default_whoami_default_whoami-v2_80", True),
+        ("default/cilium-gateway-gw/default_whoami-v2_80", False),  # the same backend, north-south
+        ("default/whoami/default_whoami-v2_80/ext-authz", False),
+        ("default/whoami/default_whoami-v2_8080", False),
+        ("shop/whoami/shop_whoami-v2_80", False),
+        ("default/whoami/default_whoami-v20_80", False),
+        ("xdefault/whoami/default_whoami-v2_80", False),
+    ],
+)
+def test_default_cluster_pattern_is_pinned_to_the_gamma_parent(name: str, matches: bool) -> None:
+    from canaryd.metrics.envoy import cluster_pattern
+
+    rx = cluster_pattern(
+        PrometheusSettings().envoy_cluster_pattern, namespace="default", service="whoami-v2", port=80, parent="whoami"
+    )
+    assert bool(re.fullmatch(rx, name)) is matches
