@@ -15,6 +15,7 @@ Rules that keep a running rollout stable:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -119,6 +120,7 @@ def admit(
     r.catalog = catalog or HookCatalog()
     _read_state(r, a)
     _read_spec(r, a, defaults)
+    _read_unknown_keys(r, a)
     _read_hooks(r, a)
     if r.spec is not None and _needs_route(r):
         _read_route(r, obj, view)
@@ -153,6 +155,18 @@ def _read_state(r: _Reading, a: Mapping[str, str]) -> None:
     except StateError as exc:
         r.state_failed = True
         r.problem("state", f"{r.where}: {ann.STATE}: {exc}", ann.STATE)
+
+
+KNOWN_KEYS = frozenset((*ann.USER_ANNOTATIONS, ann.STATE, ann.INTENT))
+
+
+def _read_unknown_keys(r: _Reading, a: Mapping[str, str]) -> None:
+    """A mistyped key would silently mean the default: refuse it, and say what was probably meant."""
+    for k in sorted(a):
+        if k.startswith(ann.PREFIX) and k not in KNOWN_KEYS:
+            close = difflib.get_close_matches(k, sorted(KNOWN_KEYS), n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(ann.USER_ANNOTATIONS))}"
+            r.problem("annotations", f"{r.where}: unknown annotation {k[:100]}{hint}", k)
 
 
 def _read_spec(r: _Reading, a: Mapping[str, str], defaults: RolloutDefaults) -> None:

@@ -40,6 +40,8 @@ BAD: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "dapr-without-app-id": ({**V2, ann.ANALYSIS: "dapr"}, {}),
     "on-inconclusive-typo": ({**V2, ann.ON_INCONCLUSIVE: "panic"}, {}),
     "huge-value": ({**V2, ann.STEPS: "x" * 150_000}, {}),
+    "mistyped-key": ({**V2, "canaryd.io/sucess-rate-min": "99.9"}, {}),
+    "unknown-hook": ({**V2, ann.HOOKS: "nosuch"}, {}),
     "no-shared-rule": (
         V2,
         {

@@ -241,3 +241,10 @@ def test_out_of_range_values_fail_with_a_short_message(key: str, value: str) -> 
     d = step(obj, T0)
     assert d.state is not None and d.state.phase == Phase.FAILED and d.canary_pct is None
     assert key in d.state.message and len(d.state.message) < 600
+
+
+def test_a_mistyped_key_fails_with_a_suggestion_instead_of_using_the_default() -> None:
+    obj = route([("v1", 100), ("v2", 0)], {ann.CANARY: "v2", "canaryd.io/sucess-rate-min": "99.9"})
+    d = step(obj, T0)
+    assert d.state is not None and d.state.phase == Phase.FAILED and d.canary_pct is None
+    assert "did you mean canaryd.io/success-rate-min?" in d.state.message
