@@ -51,6 +51,7 @@ bench-smoke: venv binaries prometheus
 	$(PY) -m devkit.bench.run --smoke
 
 bench-judge: venv
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m devkit.bench.judge_sim
 
 devstack-up: venv binaries prometheus
