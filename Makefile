@@ -39,7 +39,7 @@ integration: venv binaries prometheus
 	$(VENV)/bin/pytest -q tests/integration
 
 test: venv binaries prometheus lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=12 tests
 
 demo: venv binaries prometheus
 	$(VENV)/bin/canaryd demo
@@ -62,3 +62,6 @@ devstack-down:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+chaos: venv binaries prometheus
+	$(PY) -m devkit.chaos.run

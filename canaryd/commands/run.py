@@ -63,6 +63,7 @@ async def run_daemon(settings: Settings) -> int:
             identity=settings.identity,
             duration_s=settings.lease_duration_s,
             renew_s=settings.lease_renew_s,
+            on_change=lambda leading: metrics.leader.set(1 if leading else 0),
         )
         if settings.leader_election
         else None
@@ -107,7 +108,7 @@ async def run_daemon(settings: Settings) -> int:
             metrics.leader.set(1)
         engine_task = asyncio.create_task(engine.run(), name="engine")
         tasks.append(engine_task)
-        rc = await _supervise([t for t in tasks if t is engine_task or t.get_name() == "leader"], stop, elector)
+        rc = await _supervise([t for t in tasks if t is engine_task or t.get_name() == "leader"], stop)
     finally:
         for t in tasks:
             t.cancel()
@@ -126,12 +127,10 @@ async def run_daemon(settings: Settings) -> int:
     return rc
 
 
-async def _supervise(roots: list[asyncio.Task[Any]], stop: asyncio.Event, elector: Any) -> int:
+async def _supervise(roots: list[asyncio.Task[Any]], stop: asyncio.Event) -> int:
     """Wait for shutdown; a root task must run until then: if one ends, say which and why, and return 1."""
     log = structlog.get_logger("canaryd")
     watch = [asyncio.create_task(stop.wait(), name="stop")]
-    if elector is not None:
-        watch.append(asyncio.create_task(elector.lost.wait(), name="lost"))
     done, _pending = await asyncio.wait({*roots, *watch}, return_when=asyncio.FIRST_COMPLETED)
     for t in watch:
         t.cancel()
@@ -139,12 +138,7 @@ async def _supervise(roots: list[asyncio.Task[Any]], stop: asyncio.Event, electo
     for t in ended:
         exc = None if t.cancelled() else t.exception()
         log.error("root_task_ended", task=t.get_name(), error=repr(exc) if exc else "returned", exc_info=exc)
-    if ended:
-        return 1
-    if elector is not None and elector.lost.is_set():
-        log.error("leadership_lost_exiting")
-        return 1
-    return 0
+    return 1 if ended else 0
 
 
 def _analyzer(settings: Settings) -> Any:

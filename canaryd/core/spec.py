@@ -120,7 +120,10 @@ INTENTS: tuple[Intent, ...] = ("promote", "abort", "pause", "resume", "retry")
 # DNS-1123 label: what a Service (and so a backendRef) name may be. Anything else is refused,
 # which also keeps these values safe to place inside PromQL label matchers.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)?\s*$", re.ASCII)
+# Numbers as the docs say: ASCII digits only (Python's int()/float() also take '٣', '５' and '1_000').
+_INT = re.compile(r"^[+-]?[0-9]+$")
+_FLOAT = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, None: 1.0}
 _SIGNAL = re.compile(r"^(none|envoy|dapr|custom:[a-z0-9]([-a-z0-9_]{0,61}[a-z0-9])?)$")
 
@@ -204,6 +207,8 @@ def _secs(v: float) -> str:
 
 def _int(annotation: str, raw: str, lo: int, hi: int) -> int:
     try:
+        if not _INT.match(raw.strip()):
+            raise ValueError(raw)
         value = int(raw.strip())
     except ValueError:
         raise SpecError(annotation, f"{quote(raw)} is not a whole number; write e.g. '{lo}'") from None
@@ -214,7 +219,10 @@ def _int(annotation: str, raw: str, lo: int, hi: int) -> int:
 
 def _float(annotation: str, raw: str, lo: float, hi: float) -> float:
     try:
-        value = float(raw.strip().rstrip("%"))
+        text = raw.strip().rstrip("%")
+        if not _FLOAT.match(text):
+            raise ValueError(raw)
+        value = float(text)
     except ValueError:
         raise SpecError(annotation, f"{quote(raw)} is not a number") from None
     if not (math.isfinite(value) and lo <= value <= hi):
@@ -239,6 +247,8 @@ def parse_steps(raw: str) -> tuple[int, ...]:
     steps: list[int] = []
     for p in parts:
         try:
+            if not _INT.match(p):
+                raise ValueError(p)
             v = int(p)
         except ValueError:
             raise SpecError(STEPS, f"step {quote(p)} is not a whole percent; write e.g. '5,10,25,50,100'") from None

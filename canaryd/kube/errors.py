@@ -41,6 +41,18 @@ def status_message(exc: ApiException) -> str:
     return str(status_body(exc).get("message") or exc.reason)
 
 
+def _is_failed_test(body: dict[str, Any], reason: str) -> bool:
+    """A failed JSON-patch ``test`` op: the apiserver answers 422 with json-patch's text, or — for custom
+    resources — only the generic "rejected our request" and no field causes. A validation error names
+    the object ("... is invalid: metadata.annotations: Too long") and lists its causes."""
+    text = reason.lower()
+    if any(t in text for t in _TEST_FAILED):
+        return True
+    details = body.get("details") or {}
+    causes = details.get("causes") if isinstance(details, dict) else None
+    return not causes and " is invalid" not in text
+
+
 def translate(exc: BaseException, what: str) -> CanarydError:
     """Turn a client exception into our family; ``what`` says which call, e.g. 'patch httproute ns/name'."""
     if isinstance(exc, CanarydError):
@@ -65,7 +77,7 @@ def _from_status(exc: ApiException, what: str) -> KubeError:
         return ConflictError(f"{what}: conflict ({reason})", **kw)
     if code == 410:
         return GoneError(f"{what}: gone ({reason})", **kw)
-    if code == 422 and any(t in reason.lower() for t in _TEST_FAILED):
+    if code == 422 and _is_failed_test(body, reason):
         return ConflictError(f"{what}: changed since read ({reason})", **kw)
     if code == 422:
         return InvalidError(f"{what}: refused as invalid ({reason})", **kw)

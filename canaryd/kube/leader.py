@@ -37,6 +37,7 @@ class LeaderElector:
         duration_s: float = 15.0,
         renew_s: float = 5.0,
         clock: Callable[[], datetime] = _now,
+        on_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._api = client.CoordinationV1Api(api)
         self.name, self.namespace, self.identity = name, namespace, identity
@@ -47,6 +48,7 @@ class LeaderElector:
         self._observed: tuple[object, ...] | None = None
         self._observed_at = 0.0
         self._clock = clock  # only what we write into the Lease (acquire/renew times); never used to judge expiry
+        self._on_change = on_change  # called with True when elected, False when the lease is lost
         self.elected = asyncio.Event()
         self.lost = asyncio.Event()
         self.transitions = 0
@@ -104,27 +106,43 @@ class LeaderElector:
             raise
 
     async def run(self) -> None:
-        """Acquire, then renew until cancelled or the lease is lost (sets ``lost``)."""
+        """Acquire, then renew, until cancelled. Losing the lease (e.g. the apiserver was away for longer than
+        the renew deadline) is not an end: this replica stops acting (``is_leader`` is False, ``lost`` is set)
+        and competes again, so an outage never makes the process exit."""
+        failing = False
         while True:
             t0 = time.monotonic()
             try:
                 ok = await asyncio.wait_for(self._try(), timeout=self.renew_s)
+                if failing:
+                    log.info("lease_renew_recovered", identity=self.identity)
+                failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # apiserver restarts, dropped connections: never end the elector
-                log.warning("lease_renew_failed", error=str(translate(exc, f"lease {self.namespace}/{self.name}")))
+                if not failing:  # once per outage, not once per attempt
+                    err = str(translate(exc, f"lease {self.namespace}/{self.name}"))
+                    log.warning("lease_renew_failed", error=err)
+                failing = True
                 ok = False
             if ok:
                 self._renewed_at = t0
                 if not self.elected.is_set():
                     self.transitions += 1
+                    self.lost.clear()
                     log.info("leader_elected", identity=self.identity, lease=f"{self.namespace}/{self.name}")
                     self.elected.set()
+                    self._notify(True)
             elif self.elected.is_set() and not self.is_leader:
-                log.error("leader_lost", identity=self.identity)
+                log.error("leader_lost", identity=self.identity, action="standing by, competing again")
+                self.elected.clear()
                 self.lost.set()
-                return
+                self._notify(False)
             await asyncio.sleep(self.renew_s if self.elected.is_set() else self.renew_s / 2)
+
+    def _notify(self, leading: bool) -> None:
+        if self._on_change is not None:
+            self._on_change(leading)
 
     async def release(self) -> None:
         if self._renewed_at is None:

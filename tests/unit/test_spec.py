@@ -89,3 +89,19 @@ def test_intents() -> None:
     assert ann.parse_intent(" ") is None
     with pytest.raises(SpecError):
         ann.parse_intent("explode")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("steps", "５０"),
+        ("interval", "٣s"),
+        ("max_errors", "1_000"),
+        ("success_rate_min", "９９"),
+        ("confidence", "nan"),
+    ],
+)
+def test_numbers_are_ascii_digits_only(key: str, value: str) -> None:
+    a = {ann.CANARY: "v2", ann.PREFIX + key.replace("_", "-"): value}
+    with pytest.raises(SpecError):
+        ann.parse_spec(a, D)
