@@ -231,6 +231,8 @@ class Engine:
                 d = decide(facts)
                 self._log_round(d)
             if d.call_hooks:
+                if not self.is_leader():  # a gate can start a smoke test: only the replica that acts may call it
+                    return self.clock() + timedelta(seconds=1)
                 answers = await self._call_gates(obj, d)
                 d = decide(dataclasses.replace(facts, hook_results=answers, now=self.clock()))
             if adm.spec is not None:
