@@ -238,9 +238,9 @@ class Engine:
             if adm.spec is not None:
                 self._wait_on((ref.namespace, ref.name), (ref.namespace, adm.spec.canary))
             try:
-                await self._apply(obj, d, adm.pair, adm.raw_intent, facts.state)
+                if await self._apply(obj, d, adm.pair, adm.raw_intent, facts.state):
+                    self._after_patch(obj, d, adm)  # triggers and notifications only from the replica that wrote
                 self._refusals.pop((ref.namespace, ref.name), None)
-                self._after_patch(obj, d, adm)
                 return d.wake_at
             except ConflictError as exc:
                 log.info("conflict_rereading", error=str(exc))
@@ -364,7 +364,8 @@ class Engine:
 
     async def _apply(
         self, obj: dict[str, Any], d: Decision, pair: Pair | None, raw_intent: str | None, before: RolloutState | None
-    ) -> None:
+    ) -> bool:
+        """Send the decision's one patch; True when it was written (nothing to write, or a standby: False)."""
         ops: list[dict[str, Any]] = []
         if d.canary_pct is not None and pair is not None:
             ops += weight_ops(pair, d.canary_pct)
@@ -373,10 +374,10 @@ class Engine:
         ops += annotation_ops(obj, set_, remove)
         if not ops:
             self._observe(obj, before)
-            return
+            return False
         if not self.is_leader():
             log.warning("not_leader_skipping_patch")
-            return
+            return False
         t0 = time.perf_counter()
         await self.routes.patch(obj, ops)
         self.metrics.patch_seconds.observe(time.perf_counter() - t0)
@@ -398,6 +399,7 @@ class Engine:
         self._observe(obj, st)
         for e in d.events:
             self.events.submit(obj, e)
+        return True
 
     def _observe(self, obj: dict[str, Any], st: RolloutState | None) -> None:
         if st is None:
