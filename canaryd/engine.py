@@ -23,7 +23,7 @@ import structlog
 
 from canaryd.core.admit import Admission, admit, is_managed
 from canaryd.core.analysis import AnalysisTarget, Analyzer, Observation
-from canaryd.core.backends import Pair, RouteRef, annotation_ops, weight_ops
+from canaryd.core.backends import SERVICE_NAME_LABEL, Pair, RouteRef, annotation_ops, slice_ready, weight_ops
 from canaryd.core.decide import Decision, Event, decide
 from canaryd.core.hooks import key as hook_key
 from canaryd.core.spec import INTENT, STATE
@@ -41,18 +41,9 @@ from canaryd.settings import Settings
 
 log = structlog.get_logger("canaryd.engine")
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MAX_CONFLICT_RETRIES = 5
 REFUSED_BACKOFF_S = 5.0
 REFUSED_BACKOFF_MAX_S = 300.0
-
-
-def slice_ready(es: dict[str, Any]) -> bool:
-    for ep in es.get("endpoints") or []:
-        cond = ep.get("conditions") or {}
-        if cond.get("ready", True) is not False and ep.get("addresses"):
-            return True
-    return False
 
 
 @dataclass

@@ -16,15 +16,13 @@ from typing import Any
 
 from canaryd.core.admit import Admission, StaticView, admit
 from canaryd.core.analysis import AnalysisTarget, Judgement, Observation, Verdict
-from canaryd.core.backends import RouteRef
+from canaryd.core.backends import SERVICE_NAME_LABEL, RouteRef, backend_names, slice_ready
 from canaryd.core.judge import judge_round
 from canaryd.core.spec import CANARY
 from canaryd.errors import CanarydError, ForbiddenError, NotFoundError
 from canaryd.kube import GATEWAY_GROUP, HTTPROUTES, Api
 from canaryd.kube.api import allowed, get_route, list_objects, service_slices
 from canaryd.settings import Settings
-
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
 @dataclass(frozen=True)
@@ -123,12 +121,7 @@ async def preflight(
 async def _view(api: Api, obj: Mapping[str, Any], report: Report) -> StaticView:
     """The route's backend Services as admission sees them (ready endpoints are checked separately)."""
     ns = obj["metadata"]["namespace"]
-    names = {
-        ref["name"]
-        for rule in obj.get("spec", {}).get("rules", []) or []
-        for ref in rule.get("backendRefs", []) or []
-        if ref.get("kind", "Service") == "Service" and ref.get("name")
-    }
+    names = backend_names(obj)
     found: dict[tuple[str, str], bool] = {}
     for name in sorted(names):
         try:  # list, not get: the controller's (and the chart's) RBAC has list/watch on Services only
@@ -181,20 +174,13 @@ async def _check_rbac(api: Api, namespace: str, lease_namespace: str, report: Re
         report.ok("rbac", f"all {len(perms)} permissions canaryd needs are granted")
 
 
-def _slice_ready(es: Mapping[str, Any]) -> bool:
-    for ep in es.get("endpoints") or []:
-        if (ep.get("conditions") or {}).get("ready", True) is not False and ep.get("addresses"):
-            return True
-    return False
-
-
 async def _check_endpoints(api: Api, namespace: str, canary: str, report: Report) -> None:
     try:
         slices = await service_slices(api, namespace, canary)
     except ForbiddenError as exc:
         report.problem("endpoints", str(exc))
         return
-    ready = [s for s in slices if _slice_ready(s)]
+    ready = [s for s in slices if slice_ready(s)]
     if ready:
         report.ok("endpoints", f"canary {canary} has ready endpoints ({len(ready)} EndpointSlice(s))")
     elif slices:

@@ -64,6 +64,17 @@ def gamma_parents(obj: Mapping[str, Any]) -> list[str]:
     ]
 
 
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # an EndpointSlice's Service
+
+
+def slice_ready(es: Mapping[str, Any]) -> bool:
+    """An EndpointSlice with at least one ready endpoint (an absent ``ready`` counts as ready, as Kubernetes says)."""
+    for ep in es.get("endpoints") or []:
+        if (ep.get("conditions") or {}).get("ready", True) is not False and ep.get("addresses"):
+            return True
+    return False
+
+
 def backend_names(obj: Mapping[str, Any]) -> set[str]:
     out: set[str] = set()
     for rule in obj.get("spec", {}).get("rules", []) or []:

@@ -44,8 +44,9 @@ class SignalTally:
         if not isinstance(raw, list) or len(raw) != 5:
             raise ValueError(f"a tally is a list of 5 numbers, not {str(raw)[:80]}")
         c_n, c_e, c_slow, s_n, s_e = (None if v is None else float(v) for v in raw)
-        if c_n is None or c_e is None or any(v is not None and not math.isfinite(v) for v in raw):
-            raise ValueError("a tally's canary counts must be finite numbers")
+        numbers = [v for v in (c_n, c_e, c_slow, s_n, s_e) if v is not None]
+        if c_n is None or c_e is None or any(not math.isfinite(v) or v < 0 for v in numbers):
+            raise ValueError("a tally holds counts: finite, not negative, the canary's always present")
         stable = None if s_n is None else Tally(s_n, s_e or 0.0)
         return cls(Tally(c_n, c_e, c_slow), stable)
 

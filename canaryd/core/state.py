@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from canaryd.core.errors import StateError
+from canaryd.core.judge import SignalTally
 
 STATE_VERSION = 1
 HISTORY_LIMIT = 8
@@ -225,15 +226,7 @@ class RolloutState:
 def _tallies(raw: Any) -> dict[str, list[float | None]]:
     if not isinstance(raw, dict):
         raise ValueError("tallies is not an object")
-    out: dict[str, list[float | None]] = {}
-    for k, v in raw.items():
-        if not isinstance(v, list) or len(v) != 5:
-            raise ValueError(f"tally of {str(k)[:40]} is not a list of 5 numbers")
-        vals = [None if x is None else float(x) for x in v]
-        if vals[0] is None or vals[1] is None or any(x is not None and (x != x or x < 0) for x in vals):
-            raise ValueError(f"tally of {str(k)[:40]} holds a negative or missing count")
-        out[str(k)] = vals
-    return out
+    return {str(k): SignalTally.from_list(v).to_list() for k, v in raw.items()}  # the judge's rule, once
 
 
 def _opt_phase(v: Any) -> str | None:

@@ -13,13 +13,13 @@ from typing import Any, Literal, TypeVar
 from kubernetes_asyncio import client
 from kubernetes_asyncio.config import kube_config
 
+from canaryd.core.backends import SERVICE_NAME_LABEL
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, Api
 from canaryd.kube.errors import translate
 from canaryd.kube.informer import ListFn, raw
 
 T = TypeVar("T")
 Kind = Literal["httproutes", "services", "endpointslices"]
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"

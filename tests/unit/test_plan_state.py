@@ -44,3 +44,20 @@ def test_state_roundtrip_and_trimming() -> None:
     back = RolloutState.from_annotation(s.to_annotation())
     assert back == s and len(back.history) == 8 and back.history[-1].reason == "19" and len(back.intents) == 5
     assert len(s.to_annotation()) < 4096
+
+
+def test_stored_tallies_follow_the_judges_rule() -> None:
+    import pytest
+
+    from canaryd.core.errors import StateError
+    from canaryd.core.state import RolloutState
+
+    base = (
+        '{"phase":"Progressing","canary":"v2","stable":"v1","steps":[10,100],"step":0,"canary_weight":10,'
+        '"started_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z","tallies":{"envoy":%s}}'
+    )
+    ok = RolloutState.from_annotation(base % "[10, 1, null, 100, 0]")
+    assert ok.tallies == {"envoy": [10.0, 1.0, None, 100.0, 0.0]}
+    for garbage in ("[1e999, 0, null, 1, 0]", "[-1, 0, null, 1, 0]", "[1, 0, null, 1, -2]", "[1, 2]", "{}"):
+        with pytest.raises(StateError):
+            RolloutState.from_annotation(base % garbage)
