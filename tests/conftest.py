@@ -75,10 +75,6 @@ async def namespace(api: client.ApiClient) -> AsyncIterator[str]:
     name = f"t-{secrets.token_hex(4)}"
     core = client.CoreV1Api(api)
     await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    # The default ServiceAccount is made by controller-manager, which devstack does not run.
-    await core.create_namespaced_service_account(
-        name, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="default"))
-    )
     yield name
-    # No namespace controller runs, so the namespace would stay Terminating: leave it for
-    # the session's end, when the whole control plane goes.
+    # Left for the session's end (when the whole control plane goes): deleting it here would
+    # make the namespace controller race the test's own teardown of daemons and watches.

@@ -1,4 +1,10 @@
-"""Builders for the ordinary Kubernetes objects tests need (no controller-manager runs)."""
+"""Builders for the ordinary Kubernetes objects tests need.
+
+Tests about readiness use real workloads (``deployment_backend``): a Deployment whose Pods the
+real controllers, scheduler and kwok take to Ready, and the real EndpointSlice controller's
+slices. ``create_backend`` writes a hand-made slice instead, for tests that are not about
+readiness and only need a Service that counts as ready now.
+"""
 
 from __future__ import annotations
 
@@ -87,10 +93,10 @@ async def create_backend(
     ready: bool = True,
     target_port: int | None = None,
 ) -> None:
-    """A selector-less Service and (if ``ready``) an EndpointSlice with one ready endpoint.
+    """A selector-less Service and (if ``ready``) a hand-made EndpointSlice with one ready endpoint.
 
-    The apiserver refuses loopback endpoint addresses, so a TEST-NET-1 address stands in;
-    nothing dials it (no data plane runs in these tests).
+    For tests that are not about readiness: no Pods to wait for. The apiserver refuses loopback
+    endpoint addresses, so a TEST-NET-1 address stands in; nothing dials it.
     """
     core = client.CoreV1Api(api)
     await core.create_namespaced_service(
@@ -118,6 +124,54 @@ async def set_endpoints(api: client.ApiClient, namespace: str, service: str, *, 
         if exc.status != 409:
             raise
         await disc.replace_namespaced_endpoint_slice(f"{service}-local", namespace, body)
+
+
+async def deployment_backend(api: client.ApiClient, namespace: str, name: str, *, replicas: int) -> None:
+    """A Service selecting the Pods of a Deployment of ``replicas`` (kwok runs them; nothing listens)."""
+    labels = {"app.kubernetes.io/name": name}
+    await client.CoreV1Api(api).create_namespaced_service(
+        namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1ServiceSpec(
+                selector=labels, ports=[client.V1ServicePort(port=80, name="http", target_port="http")]
+            ),
+        ),
+    )
+    container = client.V1Container(
+        name="app", image="traefik/whoami:v1.11", ports=[client.V1ContainerPort(name="http", container_port=80)]
+    )
+    await client.AppsV1Api(api).create_namespaced_deployment(
+        namespace,
+        client.V1Deployment(
+            metadata=client.V1ObjectMeta(name=name, labels=labels),
+            spec=client.V1DeploymentSpec(
+                replicas=replicas,
+                selector=client.V1LabelSelector(match_labels=labels),
+                template=client.V1PodTemplateSpec(
+                    metadata=client.V1ObjectMeta(labels=labels), spec=client.V1PodSpec(containers=[container])
+                ),
+            ),
+        ),
+    )
+
+
+async def scale(api: client.ApiClient, namespace: str, name: str, replicas: int) -> None:
+    await client.AppsV1Api(api).patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+
+
+async def ready_addresses(api: client.ApiClient, namespace: str, service: str) -> list[str]:
+    """The ready endpoint addresses of ``service``, as its EndpointSlices list them now."""
+    out = await client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}"
+    )
+    return sorted(
+        a
+        for s in out.items
+        for e in s.endpoints or []
+        if e.conditions is None or e.conditions.ready is not False
+        for a in e.addresses
+    )
 
 
 def weights(route: dict[str, Any], rule: int = 0) -> dict[str, int]:

@@ -227,7 +227,6 @@ async def _setup_cluster(api: client.ApiClient, plan: Plan, exporter: MetricsExp
     core: Any = client.CoreV1Api(api)
     disc: Any = client.DiscoveryV1Api(api)
     await core.create_namespace({"metadata": {"name": NAMESPACE}})
-    await core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": "default"}})
     services = [n for s in plan.routes for n in (s.stable, s.canary, s.third)]
     ready = [n for s in plan.routes for n in (s.stable, s.canary)]
     await bounded([partial(core.create_namespaced_service, NAMESPACE, service_body(n)) for n in services], 8)

@@ -12,7 +12,18 @@ from devkit import DevstackError
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "hack" / "build-binaries.sh"
-NAMES = ("etcd", "kube-apiserver", "kubectl", "helm")
+NAMES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "helm",
+    "kwok",
+    "daprd",
+    "sentry",
+)
+DIRS = ("crds/standard", "crds/cilium", "kwok-stages")
 
 
 @dataclass(frozen=True)
@@ -36,8 +47,37 @@ class Binaries:
         return self.dir / "helm"
 
     @property
+    def kube_controller_manager(self) -> Path:
+        return self.dir / "kube-controller-manager"
+
+    @property
+    def kube_scheduler(self) -> Path:
+        return self.dir / "kube-scheduler"
+
+    @property
+    def kwok(self) -> Path:
+        return self.dir / "kwok"
+
+    @property
+    def daprd(self) -> Path:
+        return self.dir / "daprd"
+
+    @property
+    def sentry(self) -> Path:
+        return self.dir / "sentry"
+
+    @property
     def crds(self) -> Path:
         return self.dir / "crds" / "standard"
+
+    @property
+    def cilium_crds(self) -> Path:
+        return self.dir / "crds" / "cilium"
+
+    @property
+    def kwok_stages(self) -> Path:
+        """kwok's default stages (node-initialize, heartbeat, pod-ready/complete/delete) from its module."""
+        return self.dir / "kwok-stages"
 
 
 @cache
@@ -55,9 +95,9 @@ def bin_dir() -> Path:
                 "building the control plane binaries failed (hack/build-binaries.sh):\n" + proc.stderr[-4000:]
             )
         path = Path(proc.stdout.strip().splitlines()[-1])
-    missing = [n for n in NAMES if not (path / n).exists()]
-    if missing or not (path / "crds" / "standard").is_dir():
-        raise DevstackError(f"{path} lacks {', '.join(missing) or 'crds/standard'}; rerun hack/build-binaries.sh")
+    missing = [n for n in NAMES if not (path / n).exists()] + [d for d in DIRS if not (path / d).is_dir()]
+    if missing:
+        raise DevstackError(f"{path} lacks {', '.join(missing)}; rerun hack/build-binaries.sh")
     return path
 
 

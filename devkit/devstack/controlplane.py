@@ -2,8 +2,10 @@
 
 The apiserver runs with a secure port on 127.0.0.1, RBAC authorization, token authentication
 (an admin token in ``system:masters``) and ServiceAccount token signing, so TokenRequest works
-and tests can act with exactly the RBAC a chart grants. No controller-manager runs: Namespaces,
-ServiceAccounts and EndpointSlices are created by whoever needs them.
+and tests can act with exactly the RBAC a chart grants. kube-controller-manager, kube-scheduler
+and kwok (one fake Node) make it a cluster: Deployments get Pods, Pods go Ready, the real
+EndpointSlice controller writes the slices (devkit/devstack/controllers.py). The Gateway API
+standard CRDs and Cilium's CRDs are installed, so manifests meet the real schemas.
 
 Everything lives under one directory; ``stack.json`` there records pids and ports so another
 process (``canaryd devstack down``) can stop what ``up`` started.
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from devkit import DevstackError
+from devkit.devstack import controllers
 from devkit.devstack.binaries import Binaries, binaries
 
 STATE_FILE = "stack.json"
@@ -230,6 +233,7 @@ def start_control_plane(directory: Path, *, bins: Binaries | None = None, timeou
         ca_file = certs / "apiserver.crt"
         Path(info.kubeconfig).write_text(kubeconfig_yaml(info.server, ca_file, token))
         install_crds(info, b)
+        controllers.start(info, b, lambda name, argv: _spawn(name, argv, directory).pid)
     except BaseException:
         stop_stack(directory)
         raise
@@ -281,6 +285,7 @@ def kubectl(
 
 def install_crds(info: StackInfo, b: Binaries) -> None:
     kubectl(info, "apply", "--server-side", "-f", str(b.crds))
+    kubectl(info, "apply", "--server-side", "-f", str(b.cilium_crds))
     kubectl(info, "wait", "--for", "condition=Established", "--timeout", "60s", "crd", "--all")
 
 

@@ -18,13 +18,15 @@ from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
 from tests.kubeobjects import (
     create_backend,
     create_route,
+    deployment_backend,
     eventually,
     get_route,
     patch_route,
+    ready_addresses,
     route_body,
     route_events,
     running_engine,
-    set_endpoints,
+    scale,
     wait_events,
     weights,
 )
@@ -130,7 +132,7 @@ async def test_user_scale_and_other_rules_and_fields_are_kept(
     await patch_route(api, namespace, "whoami", {"metadata": {"labels": {"edited": "yes"}}})
     await patch_route(api, namespace, "whoami", {"metadata": {"annotations": {ann.INTENT: "promote"}}})
     r = await wait_phase(api, namespace, "whoami", Phase.PROMOTED)
-    assert r["metadata"]["labels"] == {"app": "whoami", "edited": "yes"}
+    assert r["metadata"]["labels"] == {"app": "whoami", "edited": "yes", ann.PHASE_LABEL: "Promoted"}  # + canaryd's
     assert ann.INTENT not in r["metadata"]["annotations"]
     assert r["metadata"]["annotations"]["team"] == "shop"
     want, got = copy.deepcopy(before["spec"]), copy.deepcopy(r["spec"])
@@ -215,8 +217,10 @@ async def test_structural_bad_inputs(api: client.ApiClient, namespace: str, engi
 
 
 async def test_readiness_gate_holds_then_proceeds(api: client.ApiClient, namespace: str, engine: Engine) -> None:
+    """A canary Deployment at 0 replicas: no Pods, no ready endpoints, the gate holds at 0 %.
+    Scaled up, kwok runs its Pods, the real EndpointSlice controller lists them, the rollout goes."""
     await backends(api, namespace, "whoami", "whoami-v1")
-    await create_backend(api, namespace, "whoami-v2", ready=False)
+    await deployment_backend(api, namespace, "whoami-v2", replicas=0)
     await create_route(
         api,
         namespace,
@@ -227,27 +231,61 @@ async def test_readiness_gate_holds_then_proceeds(api: client.ApiClient, namespa
     )
     r = await wait_phase(api, namespace, "whoami", Phase.WAITING)
     assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
-    await set_endpoints(api, namespace, "whoami-v2", ready=True)
+    await scale(api, namespace, "whoami-v2", 2)
     await wait_phase(api, namespace, "whoami", Phase.PROMOTED)
 
 
-async def test_readiness_deadline_rolls_back(api: client.ApiClient, namespace: str, engine: Engine) -> None:
+async def test_deployment_scaled_to_zero_mid_rollout_holds_the_gate(
+    api: client.ApiClient, namespace: str, engine: Engine
+) -> None:
+    """Scaling the canary to 0 mid-rollout: the controller empties its slice, canaryd holds the
+    step (weights as they were, phase Waiting) and goes on once the Pods are back."""
     await backends(api, namespace, "whoami", "whoami-v1")
-    await create_backend(api, namespace, "whoami-v2", ready=True)
+    await deployment_backend(api, namespace, "whoami-v2", replicas=2)
     await create_route(
         api,
         namespace,
         route_body(
             "whoami",
-            annotations={ann.CANARY: "whoami-v2", ann.STEPS: "20,40,100", ann.INTERVAL: "1s", ann.READY_DEADLINE: "2s"},
+            annotations={ann.CANARY: "whoami-v2", ann.STEPS: "20,40,100", ann.INTERVAL: "2s", ann.READY_DEADLINE: "5m"},
         ),
     )
-    await eventually(lambda: _with_weight(api, namespace, "whoami-v2", 20), timeout=10, what="first step")
-    await set_endpoints(api, namespace, "whoami-v2", ready=False)
+    await eventually(lambda: _with_weight(api, namespace, "whoami-v2", 20), timeout=30, what="first step")
+    await scale(api, namespace, "whoami-v2", 0)
+    await eventually(
+        lambda: _none_ready(api, namespace, "whoami-v2"), timeout=30, what="the controller emptying the slice"
+    )
+    r = await wait_phase(api, namespace, "whoami", Phase.WAITING)
+    held = weights(r)
+    assert held["whoami-v2"] in (20, 40), held  # the step it was on when the Pods went; never 100
+    await asyncio.sleep(3)  # more than an interval: still held
+    r = await get_route(api, namespace, "whoami")
+    assert weights(r) == held and state_of(r).phase == Phase.WAITING  # type: ignore[union-attr]
+    await scale(api, namespace, "whoami-v2", 2)
+    await wait_phase(api, namespace, "whoami", Phase.PROMOTED, timeout=60)
+
+
+async def test_readiness_deadline_rolls_back(api: client.ApiClient, namespace: str, engine: Engine) -> None:
+    await backends(api, namespace, "whoami", "whoami-v1")
+    await deployment_backend(api, namespace, "whoami-v2", replicas=1)
+    await create_route(
+        api,
+        namespace,
+        route_body(
+            "whoami",
+            annotations={ann.CANARY: "whoami-v2", ann.STEPS: "20,40,100", ann.INTERVAL: "2s", ann.READY_DEADLINE: "2s"},
+        ),
+    )
+    await eventually(lambda: _with_weight(api, namespace, "whoami-v2", 20), timeout=30, what="first step")
+    await scale(api, namespace, "whoami-v2", 0)
     r = await wait_phase(api, namespace, "whoami", Phase.ROLLED_BACK)
     assert weights(r) == {"whoami-v1": 100, "whoami-v2": 0}
     st = state_of(r)
     assert st is not None and "no ready endpoints" in st.message
+
+
+async def _none_ready(api: client.ApiClient, namespace: str, service: str) -> bool | None:
+    return True if not await ready_addresses(api, namespace, service) else None
 
 
 async def test_intents_pause_resume_abort_retry_and_new_canary(
