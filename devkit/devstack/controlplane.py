@@ -102,8 +102,11 @@ def _wait_http(
             req.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
-                if resp.status == 200:
+                if 200 <= resp.status < 300:  # daprd's healthz answers 204
                     return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:  # e.g. 500 while a daprd initializes
+            last = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
         time.sleep(0.2)
