@@ -1,56 +1,83 @@
-"""A local GAMMA data plane: what Cilium's Envoy does for Service-parented HTTPRoutes, locally.
+"""A local data plane: what Cilium's Envoy does for GAMMA routes and a Gateway, locally.
 
-Reads (list + watch with resourceVersion, re-list on 410 Gone) in one namespace:
+Reads (list + watch with resourceVersion, re-list on 410 Gone; canaryd's own ``Informer``) in one
+namespace:
 
-* HTTPRoutes (gateway.networking.k8s.io/v1) with a parentRef ``{group: "", kind: Service}``;
+* HTTPRoutes (gateway.networking.k8s.io/v1) whose parentRef is a Service (``{group: "", kind:
+  Service}``, GAMMA) or a Gateway (``kind: Gateway``, the default);
+* Gateways, for their ``spec.listeners`` (protocol HTTP);
 * Services (to map a backendRef port to the EndpointSlice port by port name);
-* EndpointSlices labelled ``kubernetes.io/service-name`` — the backends' endpoints.
+* EndpointSlices labelled ``kubernetes.io/service-name`` — the backends' endpoints;
+* Pods, for the pod runner (``run_pods``, on by default).
 
-**Local endpoints.** The apiserver refuses loopback addresses in EndpointSlices of addressType
-IPv4/IPv6 ("may not be in the loopback range"), so local backends are selector-less Services
-whose EndpointSlice has ``addressType: FQDN`` and addresses under the reserved ``.localhost``
-domain (RFC 6761), e.g. ``whoami-v1.localhost``; the data plane maps those to 127.0.0.1
-itself (no DNS). Loopback IPs are accepted too; anything else is ignored (logged once) —
-this data plane never sends traffic off the host. ``local_backend_objects()`` builds such
-objects, ``apply_local_backend()`` creates them.
+**Endpoints.** Two kinds of slice address are served, nothing else (ignored, logged once): this
+data plane never sends traffic off the host.
 
-**Listeners.** One HTTP listener per parent Service, on 127.0.0.1. ``listen={"whoami": 18080}``
-binds those at ``start()`` (port 0 = a free port; read ``ports``); parents not in the mapping
-are not served. ``listen=None`` binds a free port for every parent Service as it appears.
-The admin listener serves ``/metrics``, ``/routes`` (JSON: listeners and routing table) and
-``/healthz``.
+* *Pods.* With kwok, Deployments get Pods that are Running/Ready with Pod IPs (10.244.x.y) and the
+  real EndpointSlice controller publishes those IPs — but no process listens on them. The pod
+  runner (``devkit.demo.podrunner``) starts one local ``python -m devkit.demo.whoami`` per whoami
+  Pod on a Node (``pod_node`` narrows it to one), with the container's ``--name``, the Pod's name
+  as Hostname and the Pod's IP, on a free local port, and stops it when the Pod goes. A slice
+  endpoint ``(podIP, port)`` goes to that process when ``port`` is the container's ``--port``
+  (what the process stands for); for another port the connection is refused, exactly what the
+  seed's bad release does on a cluster (``--port=8080`` behind a Service port targeting 80:
+  every request it gets is a 503 upstream connect error). While a Pod's process starts, its
+  endpoint is left out (not ready yet, as a readiness probe would have it).
+* *Local FQDN endpoints.* The apiserver refuses loopback addresses in EndpointSlices of
+  addressType IPv4/IPv6 ("may not be in the loopback range"), so a local process that is not a
+  Pod (e.g. a daprd) sits behind a selector-less Service whose EndpointSlice has ``addressType:
+  FQDN`` and an address under the reserved ``.localhost`` domain (RFC 6761), e.g.
+  ``whoami-v1-0.localhost``; the data plane maps those to 127.0.0.1 itself (no DNS). Loopback IPs
+  are accepted too. ``local_backend_objects()`` builds such objects, ``apply_local_backend()`` /
+  ``apply_local_daprd()`` create them.
 
-**Routing.** For a request on parent P: among the rules of P's HTTPRoutes (routes ordered by
+**Listeners.** All on 127.0.0.1. One per GAMMA parent Service: ``listen={"whoami": 18080}`` binds
+those at ``start()`` (port 0 = a free port; read ``ports``), parents not in the mapping are not
+served; ``listen=None`` binds a free port for every parent Service as it appears. One per HTTP
+listener of a Gateway, keyed ``"<gateway>/<listener>"`` (``default-gateway/http``), likewise with
+``gateway_listen`` (read ``gateway_ports``). The admin listener serves ``/metrics``, ``/routes``
+(JSON: listeners, pods, the routing table) and ``/healthz``.
+
+**Routing.** For a request on a parent: among the rules of its HTTPRoutes (routes ordered by
 creation time, then name) the rule with the longest matching ``PathPrefix`` wins (a rule without
-matches matches ``/``; other match types are ignored); ties go to the first. A backendRef is
-chosen by weighted random (weight 0 = no traffic; default weight 1). All weights 0 → 500; no
-rule → 404; chosen backend without ready endpoints → 503 for its share (as Envoy's "no healthy
-upstream"). The routing table is an immutable snapshot swapped on every watch event and read
-once per request, so a weight change never splits one request across two tables. A connection
-error is retried once on another ready endpoint of the same backend (the same one if it is
-alone); still failing → 503. Every request gets an answer carrying
+matches matches ``/``; other match types are ignored; hostnames are not matched); ties go to the
+first. A rule's URLRewrite filter is applied: ``path`` ReplacePrefixMatch / ReplaceFullPath exactly
+as the Gateway API specifies (``devkit.demo.gateway.rewrite_path``), ``hostname`` as the Host
+header. A backendRef is chosen by weighted random (weight 0 = no traffic; default weight 1). All
+weights 0 → 500; no rule → 404; chosen backend without ready endpoints → 503 for its share (as
+Envoy's "no healthy upstream"). The routing table is an immutable snapshot swapped on every watch
+event and read once per request, so a weight change never splits one request across two tables.
+A connection error is retried once on another ready endpoint of the same backend (the same one if
+it is alone); still failing → 503 "upstream connect error …". Every answer carries
 ``x-canaryd-backend: <service>`` when a backend was chosen.
 
-**Metrics** (text format 0.0.4, own ``CollectorRegistry``), per request — not per attempt:
+**Metrics** (``/metrics``), per request — not per attempt:
 
-* Cilium Envoy: ``envoy_cluster_upstream_rq{envoy_cluster_name, envoy_response_code}``,
-  ``envoy_cluster_upstream_rq_xx{envoy_cluster_name, envoy_response_code_class}``,
-  ``envoy_cluster_upstream_rq_total{envoy_cluster_name}``,
-  ``envoy_cluster_upstream_rq_time_bucket/_sum/_count{envoy_cluster_name, le}`` (ms) with
-  ``envoy_cluster_name = "<ns>/<parent>/<ns>:<svc>:<port>"``. The first two are exposed as
-  ``untyped``: prometheus_client forces ``_total`` onto counter names, Envoy does not. PromQL
-  treats them the same.
-* A shared Dapr sidecar calling the parent Service: ``dapr_runtime_service_invocation_req_sent_total
-  {app_id, dst_app_id, type}``, ``..._res_recv_total{app_id, src_app_id, status, type}``,
+* Envoy, byte for byte as Cilium's Envoy writes ``/stats/prometheus`` for these series
+  (``devkit.demo.envoy_stats``, golden test tests/unit/test_envoy_exposition.py):
+  ``envoy_cluster_upstream_rq{envoy_response_code, envoy_cluster_name}``,
+  ``envoy_cluster_upstream_rq_total{envoy_cluster_name}`` (requests sent on a connection),
+  ``envoy_cluster_upstream_rq_xx{envoy_response_code_class, envoy_cluster_name}``,
+  ``envoy_cluster_upstream_rq_time_bucket/_sum/_count{envoy_cluster_name, le}`` (ms, upstream
+  answers only), with ``envoy_cluster_name = "<ns>/<parent>/<ns>_<svc>_<port>"`` — ``<parent>``
+  is the parent Service, or ``cilium-gateway-<gateway>`` for a Gateway route. A cluster's series
+  exist (zero) from the moment a route names the backend, as Envoy's do.
+* Optional (``dapr_metrics``, on by default; off once real daprds produce Dapr's own series): an
+  *imitation* of a shared Dapr sidecar calling the parent Service —
+  ``dapr_runtime_service_invocation_req_sent_total{app_id, dst_app_id, type}``,
+  ``..._res_recv_total{app_id, src_app_id, status, type}``,
   ``..._res_recv_latency_ms_bucket/_sum/_count{app_id, src_app_id, status, le}``.
-  ``app_id`` = the request header ``dapr-caller-app-id``, else ``caller_app_id``
-  (default ``ingress``); ``dst_app_id``/``src_app_id`` = the route's ``canaryd.io/app-id``
-  annotation, else the parent Service name; ``type="unary"``. Dapr sees every version of the
-  service together (the split happens after it); a locally generated 503 is a response too.
+  ``app_id`` = the request header ``dapr-caller-app-id``, else ``caller_app_id`` (default
+  ``ingress``); ``dst_app_id``/``src_app_id`` = the route's ``canaryd.io/app-id`` annotation, else
+  the parent Service name; ``type="unary"``. Dapr sees every version of the service together
+  (the split happens after it); a locally generated 503 is a response too. Gateway traffic is not
+  imitated (a real ingress daprd is behind the Gateway).
 
 Run: ``python -m devkit.demo.dataplane --kubeconfig K --namespace N [--listen whoami=0]
-[--admin-port 0]``; prints ``{"event": "dataplane_ready", "admin_port": .., "listeners": {..}}``
-on stdout once the first lists are applied and every listener is bound.
+[--gateway-listen default-gateway/http=0] [--admin-port 0] [--pod-node kwok-node-0]
+[--no-run-pods] [--no-dapr-metrics]``; prints ``{"event": "dataplane_ready", "admin_port": ..,
+"listeners": {..}, "gateway_listeners": {..}}`` on stdout once the first lists are applied, every
+listener is bound and the first Pods' processes are up.
 """
 
 from __future__ import annotations
@@ -58,7 +85,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import random
 import signal
@@ -69,6 +95,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -78,52 +105,46 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-    UnknownMetricFamily,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from canaryd.core.spec import APP_ID
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
 from canaryd.kube.informer import Informer
 from canaryd.kube.informer import raw as raw_list
+from devkit.demo import envoy_stats
+from devkit.demo.envoy_stats import EnvoyStats, cluster_name
+from devkit.demo.gateway import GATEWAYS, rewrite_path
+from devkit.demo.podrunner import PodRunner, gone_addresses, wanted_instances
+from devkit.demo.routing import (
+    LOOPBACK,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    SERVICE_NAME_LABEL,
+    Endpoint,
+    Table,
+    build_table,
+    choose_backend,
+    local_backend_objects,
+)
+
+__all__ = [
+    "DaprImitation",
+    "DataPlane",
+    "apply_local_backend",
+    "apply_local_daprd",
+    "build_table",
+    "choose_backend",
+    "cluster_name",
+    "local_backend_objects",
+]
 
 log = structlog.get_logger("devkit.demo.dataplane")
 
 BACKEND_HEADER = "x-canaryd-backend"
 CALLER_HEADER = "dapr-caller-app-id"
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
-MANAGED_BY = "demo.canaryd.io"
-LOCAL_DOMAIN = "localhost"
-LOOPBACK = "127.0.0.1"
+SERVICE, GATEWAY = "service", "gateway"
 
-# Envoy's default histogram buckets (ms) and Dapr's default latency distribution (ms).
-ENVOY_BUCKETS_MS: tuple[float, ...] = (
-    0.5,
-    1,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-    60000,
-    300000,
-    600000,
-    1800000,
-    3600000,
-)
+# Dapr's default latency distribution (ms).
 DAPR_BUCKETS_MS: tuple[float, ...] = (
     1,
     2,
@@ -175,308 +196,11 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-
-
-# --------------------------------------------------------------------------- routing table (pure)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class Backend:
-    service: str
-    port: int
-    weight: int
-    cluster: str  # Envoy cluster name, "<ns>/<parent>/<ns>:<svc>:<port>"
-
-
-@dataclass(frozen=True)
-class Rule:
-    prefixes: tuple[str, ...]  # PathPrefix values; ("/",) when the rule has no path match
-    backends: tuple[Backend, ...]
-
-    @property
-    def total_weight(self) -> int:
-        return sum(b.weight for b in self.backends)
-
-    def match_length(self, path: str) -> int:
-        """Length of the longest matching prefix, -1 when none matches."""
-        best = -1
-        for p in self.prefixes:
-            if _prefix_matches(p, path):
-                best = max(best, len(p))
-        return best
-
-
-@dataclass(frozen=True)
-class ParentRoutes:
-    parent: str
-    app_id: str
-    routes: tuple[str, ...]  # names of the HTTPRoutes attached, in precedence order
-    rules: tuple[Rule, ...]
-
-    def rule_for(self, path: str) -> Rule | None:
-        best: Rule | None = None
-        best_len = -1
-        for r in self.rules:
-            n = r.match_length(path)
-            if n > best_len:
-                best, best_len = r, n
-        return best
-
-
-@dataclass(frozen=True)
-class Table:
-    """One immutable snapshot of everything the proxy needs; replaced, never mutated."""
-
-    namespace: str
-    parents: Mapping[str, ParentRoutes] = field(default_factory=dict)
-    endpoints: Mapping[tuple[str, int], tuple[Endpoint, ...]] = field(default_factory=dict)
-    version: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "parents": {
-                p: {
-                    "app_id": pr.app_id,
-                    "routes": list(pr.routes),
-                    "rules": [
-                        {
-                            "prefixes": list(r.prefixes),
-                            "backends": [
-                                {
-                                    "service": b.service,
-                                    "port": b.port,
-                                    "weight": b.weight,
-                                    "cluster": b.cluster,
-                                    "endpoints": [
-                                        f"{e.host}:{e.port}" for e in self.endpoints.get((b.service, b.port), ())
-                                    ],
-                                }
-                                for b in r.backends
-                            ],
-                        }
-                        for r in pr.rules
-                    ],
-                }
-                for p, pr in sorted(self.parents.items())
-            },
-        }
-
-
-def _prefix_matches(prefix: str, path: str) -> bool:
-    """Gateway API PathPrefix: element-wise; '/foo' matches '/foo' and '/foo/bar', not '/foobar'."""
-    p = prefix.rstrip("/")
-    if not p:
-        return True
-    return path == p or path.startswith(p + "/")
-
-
-def cluster_name(namespace: str, parent: str, service: str, port: int) -> str:
-    return f"{namespace}/{parent}/{namespace}:{service}:{port}"
-
-
-def _service_parents(route: Mapping[str, Any], namespace: str) -> list[str]:
-    out: list[str] = []
-    for ref in route.get("spec", {}).get("parentRefs") or []:
-        if ref.get("group", "gateway.networking.k8s.io") != "" or ref.get("kind") != "Service":
-            continue
-        if ref.get("namespace", namespace) != namespace:
-            continue
-        out.append(str(ref["name"]))
-    return out
-
-
-def _route_rules(route: Mapping[str, Any], namespace: str, parent: str) -> list[Rule]:
-    rules: list[Rule] = []
-    for raw in route.get("spec", {}).get("rules") or []:
-        prefixes: list[str] = []
-        matches = raw.get("matches") or []
-        for m in matches:
-            path = m.get("path")
-            if path is None:
-                prefixes.append("/")
-            elif path.get("type", "PathPrefix") == "PathPrefix":
-                prefixes.append(str(path.get("value", "/")))
-        if matches and not prefixes:
-            continue  # only match types we do not implement: the rule is not served
-        backends: list[Backend] = []
-        for ref in raw.get("backendRefs") or []:
-            if ref.get("group", "") != "" or ref.get("kind", "Service") != "Service":
-                continue
-            if ref.get("namespace", namespace) != namespace:
-                continue
-            svc, port = str(ref["name"]), int(ref.get("port", 0))
-            backends.append(
-                Backend(
-                    service=svc,
-                    port=port,
-                    weight=int(ref.get("weight", 1)),
-                    cluster=cluster_name(namespace, parent, svc, port),
-                )
-            )
-        rules.append(Rule(prefixes=tuple(prefixes or ["/"]), backends=tuple(backends)))
-    return rules
-
-
-def _local_host(address: str, address_type: str) -> str | None:
-    """127.0.0.1 (or the loopback IP) for a local endpoint address, None for anything else."""
-    if address_type == "FQDN":
-        name = address.rstrip(".").lower()
-        return LOOPBACK if name == LOCAL_DOMAIN or name.endswith("." + LOCAL_DOMAIN) else None
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    return str(ip) if ip.is_loopback and ip.version == 4 else None
-
-
-def _resolve_endpoints(  # noqa: C901 - mirrors the EndpointSlice rules one by one
-    service: str,
-    port: int,
-    services: Mapping[str, Mapping[str, Any]],
-    slices: Iterable[Mapping[str, Any]],
-    refused: set[str],
-) -> tuple[Endpoint, ...]:
-    svc = services.get(service)
-    port_name: str | None = None
-    if svc is not None:
-        for sp in svc.get("spec", {}).get("ports") or []:
-            if int(sp.get("port", 0)) == port:
-                port_name = sp.get("name") or ""
-                break
-        else:
-            return ()  # the Service has no such port
-    out: list[Endpoint] = []
-    for sl in slices:
-        if (sl.get("metadata", {}).get("labels") or {}).get(SERVICE_NAME_LABEL) != service:
-            continue
-        slice_ports = sl.get("ports") or []
-        target: int | None = None
-        for sp in slice_ports:
-            if port_name is not None and (sp.get("name") or "") == port_name:
-                target = sp.get("port")
-                break
-        if target is None and port_name is None and len(slice_ports) == 1:
-            target = slice_ports[0].get("port")
-        if target is None:
-            continue
-        addr_type = str(sl.get("addressType", "IPv4"))
-        for ep in sl.get("endpoints") or []:
-            if (ep.get("conditions") or {}).get("ready") is False:
-                continue  # nil means ready (EndpointSlice API)
-            for addr in ep.get("addresses") or []:
-                host = _local_host(str(addr), addr_type)
-                if host is None:
-                    refused.add(f"{service}:{addr}")
-                    continue
-                out.append(Endpoint(host=host, port=int(target)))
-    return tuple(dict.fromkeys(out))
-
-
-def build_table(
-    namespace: str,
-    routes: Iterable[Mapping[str, Any]],
-    services: Iterable[Mapping[str, Any]],
-    slices: Iterable[Mapping[str, Any]],
-    *,
-    version: int = 0,
-    refused: set[str] | None = None,
-) -> Table:
-    """The routing snapshot for ``namespace`` from plain API dicts. Pure.
-
-    ``refused`` collects endpoint addresses that were ignored because they are not local.
-    """
-    refused = refused if refused is not None else set()
-    svc_by_name = {str(s["metadata"]["name"]): s for s in services}
-    slice_list = list(slices)
-    ordered = sorted(
-        routes, key=lambda r: (str(r["metadata"].get("creationTimestamp") or ""), str(r["metadata"]["name"]))
-    )
-    acc: dict[str, tuple[str | None, list[str], list[Rule]]] = {}
-    for route in ordered:
-        name = str(route["metadata"]["name"])
-        annotations = route["metadata"].get("annotations") or {}
-        for parent in _service_parents(route, namespace):
-            app_id, names, rules = acc.setdefault(parent, (None, [], []))
-            names.append(name)
-            rules.extend(_route_rules(route, namespace, parent))
-            if app_id is None and annotations.get(APP_ID):
-                acc[parent] = (str(annotations[APP_ID]), names, rules)
-    parents = {
-        p: ParentRoutes(parent=p, app_id=app_id or p, routes=tuple(names), rules=tuple(rules))
-        for p, (app_id, names, rules) in acc.items()
-    }
-    endpoints: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
-    for pr in parents.values():
-        for rule in pr.rules:
-            for b in rule.backends:
-                key = (b.service, b.port)
-                if key not in endpoints:
-                    endpoints[key] = _resolve_endpoints(b.service, b.port, svc_by_name, slice_list, refused)
-    return Table(namespace=namespace, parents=parents, endpoints=endpoints, version=version)
-
-
-def choose_backend(rule: Rule, rng: random.Random) -> Backend | None:
-    """Weighted random choice; None when every weight is 0."""
-    total = rule.total_weight
-    if total <= 0:
-        return None
-    x = rng.random() * total
-    acc = 0
-    for b in rule.backends:
-        if b.weight <= 0:
-            continue
-        acc += b.weight
-        if x < acc:
-            return b
-    return next(b for b in reversed(rule.backends) if b.weight > 0)
+_CONNECT_ERROR = "upstream connect error or disconnect/reset before headers. "
+_REFUSED = "remote connection failure, transport failure reason: delayed connect error: Connection refused"
 
 
 # --------------------------------------------------------------------------- local backends
-
-
-def local_backend_objects(
-    service: str,
-    ports: Iterable[int],
-    *,
-    service_port: int = 80,
-    port_name: str = "http",
-    labels: Mapping[str, str] | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A selector-less Service plus one EndpointSlice per local instance port.
-
-    Each instance is an endpoint ``<service>-<i>.localhost`` (addressType FQDN; the apiserver
-    refuses loopback IPs) that the demo data plane maps to 127.0.0.1:<port>.
-    """
-    extra = dict(labels or {})
-    svc: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": service, "labels": {**extra, "app.kubernetes.io/managed-by": MANAGED_BY}},
-        "spec": {"ports": [{"name": port_name, "port": service_port, "protocol": "TCP"}]},
-    }
-    slices: list[dict[str, Any]] = []
-    for i, port in enumerate(ports):
-        slices.append(
-            {
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {
-                    "name": f"{service}-local-{i}",
-                    "labels": {**extra, SERVICE_NAME_LABEL: service, MANAGED_BY_LABEL: MANAGED_BY},
-                },
-                "addressType": "FQDN",
-                "ports": [{"name": port_name, "port": int(port), "protocol": "TCP"}],
-                "endpoints": [{"addresses": [f"{service}-{i}.{LOCAL_DOMAIN}"], "conditions": {"ready": True}}],
-            }
-        )
-    return svc, slices
 
 
 async def apply_local_backend(
@@ -519,7 +243,21 @@ async def apply_local_backend(
             await disc.replace_namespaced_endpoint_slice(sl["metadata"]["name"], namespace, sl_body)
 
 
-# --------------------------------------------------------------------------- metrics
+async def apply_local_daprd(
+    api: client.ApiClient,
+    namespace: str,
+    http_port: int,
+    *,
+    service: str = "ingress-dapr",
+    service_port: int = 3500,
+    port_name: str = "dapr-http",
+) -> None:
+    """Put a local daprd's HTTP API (``http_port`` on 127.0.0.1) behind ``service:service_port``,
+    the backend of the seed's ingress route. An existing Service must name that port ``port_name``."""
+    await apply_local_backend(api, namespace, service, [http_port], service_port=service_port, port_name=port_name)
+
+
+# --------------------------------------------------------------------------- the Dapr imitation
 
 
 class _Histogram:
@@ -553,64 +291,26 @@ def _fmt_le(b: float) -> str:
     return str(int(b)) if float(b).is_integer() else repr(float(b))
 
 
-class DataPlaneStats(Collector):
-    """Request counters in Envoy's and Dapr's shapes. Mutated only on the event loop."""
+class DaprImitation(Collector):
+    """A shared daprd's service-invocation series, imitated. Mutated only on the event loop."""
 
     def __init__(self) -> None:
-        self.rq: Counter[tuple[str, str]] = Counter()
-        self.rq_xx: Counter[tuple[str, str]] = Counter()
-        self.rq_total: Counter[str] = Counter()
-        self.rq_time: dict[str, _Histogram] = {}
-        self.dapr_sent: Counter[tuple[str, str, str]] = Counter()
-        self.dapr_recv: Counter[tuple[str, str, str, str]] = Counter()
-        self.dapr_latency: dict[tuple[str, str, str], _Histogram] = {}
+        self.sent: Counter[tuple[str, str, str]] = Counter()
+        self.recv: Counter[tuple[str, str, str, str]] = Counter()
+        self.latency: dict[tuple[str, str, str], _Histogram] = {}
 
-    def record(self, *, cluster: str | None, caller: str, app_id: str, status: int, elapsed_ms: float) -> None:
-        self.dapr_sent[(caller, app_id, "unary")] += 1
-        self.dapr_recv[(caller, app_id, str(status), "unary")] += 1
-        self.dapr_latency.setdefault((caller, app_id, str(status)), _Histogram(DAPR_BUCKETS_MS)).observe(elapsed_ms)
-        if cluster is None:
-            return
-        self.rq_total[cluster] += 1
-        self.rq[(cluster, str(status))] += 1
-        self.rq_xx[(cluster, str(status // 100))] += 1
-        self.rq_time.setdefault(cluster, _Histogram(ENVOY_BUCKETS_MS)).observe(elapsed_ms)
+    def record(self, *, caller: str, app_id: str, status: int, elapsed_ms: float) -> None:
+        self.sent[(caller, app_id, "unary")] += 1
+        self.recv[(caller, app_id, str(status), "unary")] += 1
+        self.latency.setdefault((caller, app_id, str(status)), _Histogram(DAPR_BUCKETS_MS)).observe(elapsed_ms)
 
     def collect(self) -> Iterator[Metric]:
-        rq = UnknownMetricFamily(
-            "envoy_cluster_upstream_rq",
-            "Upstream responses by code",
-            labels=["envoy_cluster_name", "envoy_response_code"],
-        )
-        for (c, code), v in sorted(self.rq.items()):
-            rq.add_metric([c, code], v)
-        yield rq
-        xx = UnknownMetricFamily(
-            "envoy_cluster_upstream_rq_xx",
-            "Upstream responses by class",
-            labels=["envoy_cluster_name", "envoy_response_code_class"],
-        )
-        for (c, cls), v in sorted(self.rq_xx.items()):
-            xx.add_metric([c, cls], v)
-        yield xx
-        total = CounterMetricFamily(
-            "envoy_cluster_upstream_rq_total", "Total upstream requests", labels=["envoy_cluster_name"]
-        )
-        for c, v in sorted(self.rq_total.items()):
-            total.add_metric([c], v)
-        yield total
-        tm = HistogramMetricFamily(
-            "envoy_cluster_upstream_rq_time", "Upstream request time (ms)", labels=["envoy_cluster_name"]
-        )
-        for c, h in sorted(self.rq_time.items()):
-            tm.add_metric([c], h.cumulative(), h.sum)
-        yield tm
         sent = CounterMetricFamily(
             "dapr_runtime_service_invocation_req_sent_total",
             "Service invocation requests sent",
             labels=["app_id", "dst_app_id", "type"],
         )
-        for key, v in sorted(self.dapr_sent.items()):
+        for key, v in sorted(self.sent.items()):
             sent.add_metric(list(key), v)
         yield sent
         recv = CounterMetricFamily(
@@ -618,7 +318,7 @@ class DataPlaneStats(Collector):
             "Service invocation responses received",
             labels=["app_id", "src_app_id", "status", "type"],
         )
-        for key4, v in sorted(self.dapr_recv.items()):
+        for key4, v in sorted(self.recv.items()):
             recv.add_metric(list(key4), v)
         yield recv
         lat = HistogramMetricFamily(
@@ -626,7 +326,7 @@ class DataPlaneStats(Collector):
             "Service invocation response latency (ms)",
             labels=["app_id", "src_app_id", "status"],
         )
-        for key3, h in sorted(self.dapr_latency.items()):
+        for key3, h in sorted(self.latency.items()):
             lat.add_metric(list(key3), h.cumulative(), h.sum)
         yield lat
 
@@ -634,8 +334,28 @@ class DataPlaneStats(Collector):
 # --------------------------------------------------------------------------- the data plane
 
 
+@dataclass
+class Upstream:
+    """The answer to one proxied request, and what Envoy would charge for it."""
+
+    status: int
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    body: bytes = b""
+    sent: bool = False  # went out on an upstream connection (upstream_rq_total)
+    upstream_ms: int | None = None  # the upstream answered after this long (upstream_rq_time)
+    error: str | None = None  # why no upstream answered
+
+    @classmethod
+    def local(cls, status: int, text: str, *, sent: bool = False, error: str | None = None) -> Upstream:
+        return cls(status, CIMultiDict({"content-type": "text/plain"}), text.encode(), sent=sent, error=error)
+
+
+class _Refused(Exception):
+    """Connecting to a Pod IP on a port its process does not stand for."""
+
+
 class DataPlane:
-    """Serve the GAMMA routes of ``namespace`` on 127.0.0.1; see the module docstring."""
+    """Serve the routes of ``namespace`` on 127.0.0.1; see the module docstring."""
 
     def __init__(
         self,
@@ -643,36 +363,47 @@ class DataPlane:
         namespace: str,
         *,
         listen: Mapping[str, int] | None = None,
+        gateway_listen: Mapping[str, int] | None = None,
         admin_port: int = 0,
         caller_app_id: str = "ingress",
         upstream_timeout_s: float = 15.0,
         seed: int | None = None,
+        run_pods: bool = True,
+        pod_node: str | None = None,
+        pod_log_dir: Path | None = None,
+        dapr_metrics: bool = True,
         api: client.ApiClient | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self._listen = dict(listen) if listen is not None else None
+        self._gateway_listen = dict(gateway_listen) if gateway_listen is not None else None
         self._admin_port = admin_port
         self.caller_app_id = caller_app_id
         self.upstream_timeout_s = upstream_timeout_s
+        self.pod_node = pod_node
         self._rng = random.Random(seed)
         self._api = api
         self._own_api = api is None
-        self.stats = DataPlaneStats()
+        self.envoy = EnvoyStats()
+        self.dapr = DaprImitation() if dapr_metrics else None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.stats)
+        if self.dapr is not None:
+            self.registry.register(self.dapr)
+        self.pods = PodRunner(on_change=self._mark_dirty, log_dir=pod_log_dir) if run_pods else None
         self.table = Table(namespace=namespace)
         self.ports: dict[str, int] = {}
+        self.gateway_ports: dict[str, int] = {}
         self.admin_port = 0
-        self._runners: dict[str, web.BaseRunner] = {}
+        self._runners: dict[tuple[str, str], web.BaseRunner] = {}
         self._admin: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._informers: dict[str, Informer] = {}
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
         self._rebuild_lock = asyncio.Lock()
         self._refused_logged: set[str] = set()
+        self._unavailable_logged: set[tuple[str, str]] = set()
         self._version = 0
 
     # -- lifecycle
@@ -681,39 +412,12 @@ class DataPlane:
         """List everything, bind the listeners, start watching. Ready when it returns."""
         if self._api is None:
             self._api = await new_client(self.kubeconfig)
-        api = self._api
-        co = client.CustomObjectsApi(api)
-        core = client.CoreV1Api(api)
-        disc = client.DiscoveryV1Api(api)
-        ns = self.namespace
-        # The controller's own informers (list+watch, 410 relist); any change marks the table dirty.
-        changed = lambda _key, _obj: self._dirty.set()  # noqa: E731
-        self._informers = {
-            "httproute": Informer(
-                "httproute",
-                raw_list(co.list_namespaced_custom_object),
-                (GATEWAY_GROUP, GATEWAY_VERSION, ns, HTTPROUTES),
-                on_change=changed,
-                timeout_s=55,
-            ),
-            "service": Informer(
-                "service", raw_list(core.list_namespaced_service), (ns,), on_change=changed, timeout_s=55
-            ),
-            "endpointslice": Informer(
-                "endpointslice",
-                raw_list(disc.list_namespaced_endpoint_slice),
-                (ns,),
-                on_change=changed,
-                label_selector=SERVICE_NAME_LABEL,
-                timeout_s=55,
-            ),
-        }
+        self._informers = self._make_informers(self._api)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, limit_per_host=64),
             timeout=aiohttp.ClientTimeout(total=self.upstream_timeout_s),
             auto_decompress=False,
         )
-        self._stopping.clear()
         for name, inf in self._informers.items():
             self._tasks.append(asyncio.create_task(inf.run(), name=f"dataplane-watch-{name}"))
         try:
@@ -721,27 +425,53 @@ class DataPlane:
             await self._rebuild()
             await self._start_admin()
             for parent, port in (self._listen or {}).items():
-                await self._bind(parent, port)
+                await self._bind(SERVICE, parent, port)
+            for key, port in (self._gateway_listen or {}).items():
+                await self._bind(GATEWAY, key, port)
+            if self.pods is not None:
+                await self.pods.settled()
+                await self._rebuild()
         except BaseException:
             await self.stop()
             raise
         self._tasks.append(asyncio.create_task(self._rebuild_on_change(), name="dataplane-rebuild"))
         log.info(
             "dataplane_started",
-            namespace=ns,
+            namespace=self.namespace,
             admin_port=self.admin_port,
             listeners=self.ports,
+            gateway_listeners=self.gateway_ports,
             parents=sorted(self.table.parents),
+            pods=sorted(self.pods.pids()) if self.pods is not None else None,
         )
 
+    def _make_informers(self, api: client.ApiClient) -> dict[str, Informer]:
+        """The controller's own informers (list+watch, 410 relist); any change marks the table dirty."""
+        co, core, disc = client.CustomObjectsApi(api), client.CoreV1Api(api), client.DiscoveryV1Api(api)
+        ns = self.namespace
+        changed = lambda _key, _obj: self._dirty.set()  # noqa: E731
+        kinds: dict[str, tuple[Any, tuple[Any, ...], str | None]] = {
+            "httproute": (co.list_namespaced_custom_object, (GATEWAY_GROUP, GATEWAY_VERSION, ns, HTTPROUTES), None),
+            "gateway": (co.list_namespaced_custom_object, (GATEWAY_GROUP, GATEWAY_VERSION, ns, GATEWAYS), None),
+            "service": (core.list_namespaced_service, (ns,), None),
+            "endpointslice": (disc.list_namespaced_endpoint_slice, (ns,), SERVICE_NAME_LABEL),
+        }
+        if self.pods is not None:
+            kinds["pod"] = (core.list_namespaced_pod, (ns,), None)
+        return {
+            kind: Informer(kind, raw_list(fn), args, on_change=changed, label_selector=sel, timeout_s=55)
+            for kind, (fn, args, sel) in kinds.items()
+        }
+
     async def stop(self) -> None:
-        self._stopping.set()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        if self.pods is not None:
+            await self.pods.stop()
         for runner in list(self._runners.values()):
             await runner.cleanup()
         self._runners.clear()
@@ -765,11 +495,17 @@ class DataPlane:
     def url(self, parent: str) -> str:
         return f"http://{LOOPBACK}:{self.ports[parent]}"
 
+    def gateway_url(self, gateway: str, listener: str = "http") -> str:
+        return f"http://{LOOPBACK}:{self.gateway_ports[f'{gateway}/{listener}']}"
+
     @property
     def metrics_url(self) -> str:
         return f"http://{LOOPBACK}:{self.admin_port}/metrics"
 
     # -- table
+
+    def _mark_dirty(self) -> None:
+        self._dirty.set()
 
     async def _wait_synced(self) -> None:
         """Until every informer has listed once; an informer that fails (e.g. forbidden) raises."""
@@ -790,44 +526,64 @@ class DataPlane:
 
     async def _rebuild(self) -> None:
         async with self._rebuild_lock:
-            by_kind = {kind: {key[1]: obj for key, obj in inf.cache.items()} for kind, inf in self._informers.items()}
+            by_kind = {kind: [obj for obj in inf.cache.values()] for kind, inf in self._informers.items()}
+            pods = None
+            if self.pods is not None:
+                self.pods.reconcile(wanted_instances(by_kind["pod"], node=self.pod_node))
+                pods = {**gone_addresses(by_kind["pod"]), **self.pods.addresses()}
             refused: set[str] = set()
             self._version += 1
             table = build_table(
                 self.namespace,
-                by_kind["httproute"].values(),
-                by_kind["service"].values(),
-                by_kind["endpointslice"].values(),
+                by_kind["httproute"],
+                by_kind["service"],
+                by_kind["endpointslice"],
+                gateways=by_kind["gateway"],
+                pods=pods,
                 version=self._version,
                 refused=refused,
             )
             old = self.table
             self.table = table  # the one atomic swap; requests read self.table once
-            for r in refused - self._refused_logged:
-                log.warning(
-                    "endpoint_not_local_ignored",
-                    endpoint=r,
-                    hint="the demo data plane only sends to *.localhost / 127.0.0.1",
-                )
-            self._refused_logged |= refused
-            if _weights(old) != _weights(table):
-                log.info("routes_changed", version=table.version, weights=_weights(table))
-            if self._listen is None:
-                for parent in table.parents:
-                    if parent not in self._runners and self._session is not None:
-                        await self._bind(parent, 0)
+            self.envoy.ensure(table.clusters())
+            self._log_changes(old, table, refused)
+            await self._bind_new(table)
+
+    def _log_changes(self, old: Table, table: Table, refused: set[str]) -> None:
+        for r in refused - self._refused_logged:
+            log.warning(
+                "endpoint_not_local_ignored",
+                endpoint=r,
+                hint="the demo data plane only sends to *.localhost, 127.0.0.1 and the Pods its pod runner runs",
+            )
+        self._refused_logged |= refused
+        if _weights(old) != _weights(table):
+            log.info("routes_changed", version=table.version, weights=_weights(table))
+
+    async def _bind_new(self, table: Table) -> None:
+        if self._session is None:
+            return
+        if self._listen is None:
+            for parent in table.parents:
+                if (SERVICE, parent) not in self._runners:
+                    await self._bind(SERVICE, parent, 0)
+        if self._gateway_listen is None:
+            for key in table.gateway_listeners:
+                if (GATEWAY, key) not in self._runners:
+                    await self._bind(GATEWAY, key, 0)
 
     # -- listeners
 
-    async def _bind(self, parent: str, port: int) -> None:
-        server = web.Server(partial(self._handle, parent), access_log=None)
+    async def _bind(self, kind: str, key: str, port: int) -> None:
+        server = web.Server(partial(self._handle, kind, key), access_log=None)
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, LOOPBACK, port, reuse_address=True)
         await site.start()
-        self._runners[parent] = runner
-        self.ports[parent] = _bound_port(runner)
-        log.info("listener_bound", parent=parent, port=self.ports[parent])
+        self._runners[(kind, key)] = runner
+        ports = self.ports if kind == SERVICE else self.gateway_ports
+        ports[key] = _bound_port(runner)
+        log.info("listener_bound", kind=kind, parent=key, port=ports[key])
 
     async def _start_admin(self) -> None:
         app = web.Application()
@@ -840,94 +596,141 @@ class DataPlane:
         self._admin = runner
         self.admin_port = _bound_port(runner)
 
+    def exposition(self) -> bytes:
+        """``/metrics``: Envoy's text, then (when imitated) Dapr's."""
+        body = self.envoy.render().encode()
+        if self.dapr is not None:
+            body += generate_latest(self.registry)
+        return body
+
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=self.exposition(), headers={"Content-Type": envoy_stats.CONTENT_TYPE})
 
     async def _routes(self, request: web.Request) -> web.Response:
-        return web.json_response({"namespace": self.namespace, "listeners": self.ports, **self.table.to_json()})
+        pods = self.pods.addresses() if self.pods is not None else {}
+        return web.json_response(
+            {
+                "namespace": self.namespace,
+                "listeners": self.ports,
+                "gateway_listeners": self.gateway_ports,
+                "pods": {a.pod: {"ip": ip, "port": a.port, "local_port": a.local_port} for ip, a in pods.items()},
+                **self.table.to_json(),
+            }
+        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     # -- proxy
 
-    async def _handle(self, parent: str, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, kind: str, key: str, request: web.BaseRequest) -> web.StreamResponse:
         began = time.monotonic()
         table = self.table  # read once: one request, one table
-        routes = table.parents.get(parent)
+        routes = (table.parents if kind == SERVICE else table.listeners).get(key)
         caller = request.headers.get(CALLER_HEADER, self.caller_app_id)
-        app_id = routes.app_id if routes is not None else parent
-        rule = routes.rule_for(request.path) if routes is not None else None
-        if rule is None:
-            self.stats.record(cluster=None, caller=caller, app_id=app_id, status=404, elapsed_ms=_ms(began))
-            return web.Response(status=404, text="route not found\n")
+        app_id = routes.app_id if routes is not None else key
+        dapr = self.dapr if kind == SERVICE else None
+        path = request.rel_url.raw_path
+        match = routes.match(path) if routes is not None else None
+        if match is None:
+            return _answer(dapr, caller, app_id, began, Upstream.local(404, "route not found\n"))
+        rule, prefix = match
         backend = choose_backend(rule, self._rng)
         if backend is None:
-            self.stats.record(cluster=None, caller=caller, app_id=app_id, status=500, elapsed_ms=_ms(began))
-            return web.Response(status=500, text="no backend with weight > 0\n")
+            return _answer(dapr, caller, app_id, began, Upstream.local(500, "no backend with weight > 0\n"))
         body = await request.read()
-        status, headers, payload = await self._forward(
-            request, body, table.endpoints.get((backend.service, backend.port), ())
+        target = rewrite_path(path, prefix, rule.rewrite) + _query(request)
+        up = await self._forward(
+            request, body, target, rule.hostname, table.endpoints.get((backend.service, backend.port), ())
         )
-        elapsed = _ms(began)
-        self.stats.record(cluster=backend.cluster, caller=caller, app_id=app_id, status=status, elapsed_ms=elapsed)
-        headers[BACKEND_HEADER] = backend.service
-        headers["x-envoy-upstream-service-time"] = str(int(elapsed))
-        return web.Response(status=status, headers=headers, body=payload)
+        self.envoy.cluster(backend.cluster).charge(up.status, sent=up.sent, upstream_ms=up.upstream_ms)
+        if up.error is not None:
+            self._log_unavailable(backend.cluster, up.error)
+        up.headers[BACKEND_HEADER] = backend.service
+        if up.upstream_ms is not None:
+            up.headers["x-envoy-upstream-service-time"] = str(up.upstream_ms)
+        return _answer(dapr, caller, app_id, began, up)
 
-    async def _forward(
-        self,
-        request: web.BaseRequest,
-        body: bytes,
-        endpoints: tuple[Endpoint, ...],
-    ) -> tuple[int, CIMultiDict[str], bytes]:
-        if not endpoints:
-            return 503, CIMultiDict(), b"no healthy upstream"
-        session = self._session
-        assert session is not None, "start() first"
-        first = self._rng.choice(endpoints)
-        others = [e for e in endpoints if e != first]
-        attempts = [first, self._rng.choice(others) if others else first]
+    def _log_unavailable(self, cluster: str, error: str) -> None:
+        """Once per cluster and cause at warning (the seed's bad release fails every request)."""
+        first = (cluster, error) not in self._unavailable_logged
+        self._unavailable_logged.add((cluster, error))
+        (log.warning if first else log.debug)("upstream_unavailable", cluster=cluster, error=error)
+
+    def _upstream_headers(self, request: web.BaseRequest, hostname: str | None) -> CIMultiDict[str]:
         fwd = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
         peer = request.remote or ""
         prior = fwd.get("x-forwarded-for")
         fwd["x-forwarded-for"] = f"{prior}, {peer}" if prior else peer
         fwd["x-forwarded-proto"] = "http"
         fwd.setdefault("x-request-id", str(uuid.uuid4()))
-        last: str = ""
+        if hostname:
+            fwd["Host"] = hostname
+        return fwd
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        body: bytes,
+        target: str,
+        hostname: str | None,
+        endpoints: tuple[Endpoint, ...],
+    ) -> Upstream:
+        if not endpoints:
+            return Upstream.local(503, "no healthy upstream")
+        first = self._rng.choice(endpoints)
+        others = [e for e in endpoints if e != first]
+        attempts = [first, self._rng.choice(others) if others else first]
+        fwd = self._upstream_headers(request, hostname)
+        last, sent = "", False
         for i, ep in enumerate(attempts):  # bounded: at most two attempts
-            url = f"http://{ep.host}:{ep.port}{request.raw_path}"
             try:
-                async with session.request(
-                    request.method, url, headers=fwd, data=body or None, allow_redirects=False
-                ) as resp:
-                    payload = await resp.read()
-                    out = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP)
-                    return resp.status, out, payload
+                return await self._send(request.method, ep, target, fwd, body)
+            except _Refused as exc:
+                last = str(exc)
             except aiohttp.ClientConnectorError as exc:
-                last = f"connect {ep.host}:{ep.port}: {exc.os_error!r}"
+                last = _REFUSED if isinstance(exc.os_error, ConnectionRefusedError) else f"connection failure: {exc}"
             except aiohttp.ServerDisconnectedError as exc:
-                last = f"disconnected by {ep.host}:{ep.port}: {exc!r}"
+                last, sent = f"connection termination ({exc!r})", True
                 if request.method not in _IDEMPOTENT:
                     break
             except TimeoutError:
-                return 504, CIMultiDict(), b"upstream request timeout"
+                return Upstream.local(504, "upstream request timeout", sent=True)
             except aiohttp.ClientError as exc:
                 last = f"{ep.host}:{ep.port}: {exc!r}"
                 break
-            log.debug("upstream_retry" if i == 0 else "upstream_failed", error=last)
-        log.warning("upstream_unavailable", error=last)
-        msg = f"upstream connect error or disconnect/reset before headers. {last}"
-        return 503, CIMultiDict(), msg.encode()
+            log.debug("upstream_retry" if i == 0 else "upstream_failed", endpoint=ep.describe(), error=last)
+        text = f"{_CONNECT_ERROR}retried and the latest reset reason: {last}"
+        return Upstream.local(503, text, sent=sent, error=last)
+
+    async def _send(self, method: str, ep: Endpoint, target: str, headers: CIMultiDict[str], body: bytes) -> Upstream:
+        if ep.refused:
+            raise _Refused(_REFUSED)
+        session = self._session
+        assert session is not None, "start() first"
+        began = time.monotonic()
+        url = f"http://{ep.host}:{ep.port}{target}"
+        async with session.request(method, url, headers=headers, data=body or None, allow_redirects=False) as resp:
+            payload = await resp.read()
+            out = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP)
+            elapsed = int((time.monotonic() - began) * 1000.0)  # whole ms, as Envoy records it
+            return Upstream(resp.status, out, payload, sent=True, upstream_ms=elapsed)
 
 
-def _ms(began: float) -> float:
-    return (time.monotonic() - began) * 1000.0
+def _answer(dapr: DaprImitation | None, caller: str, app_id: str, began: float, up: Upstream) -> web.Response:
+    if dapr is not None:
+        dapr.record(caller=caller, app_id=app_id, status=up.status, elapsed_ms=(time.monotonic() - began) * 1000.0)
+    return web.Response(status=up.status, headers=up.headers, body=up.body)
+
+
+def _query(request: web.BaseRequest) -> str:
+    qs = request.rel_url.raw_query_string
+    return f"?{qs}" if qs else ""
 
 
 def _weights(table: Table) -> dict[str, list[list[tuple[str, int]]]]:
-    return {p: [[(b.service, b.weight) for b in r.backends] for r in pr.rules] for p, pr in table.parents.items()}
+    parents = {**table.parents, **table.listeners}
+    return {p: [[(b.service, b.weight) for b in r.backends] for r in pr.rules] for p, pr in parents.items()}
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -940,12 +743,12 @@ def _bound_port(runner: web.BaseRunner) -> int:
 # --------------------------------------------------------------------------- main
 
 
-def _parse_listen(items: list[str]) -> dict[str, int]:
+def _parse_ports(items: list[str], flag: str, example: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for item in items:
         name, sep, port = item.partition("=")
         if not sep or not name or not port.isdigit():
-            raise ValueError(f"--listen {item!r}: write <service>=<port>, e.g. whoami=18080 (0 = free)")
+            raise ValueError(f"{flag} {item!r}: write <name>=<port>, e.g. {example} (0 = free)")
         out[name] = int(port)
     return out
 
@@ -957,21 +760,21 @@ async def _serve(dp: DataPlane) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await dp.start()
-    print(
-        json.dumps(
-            {"event": "dataplane_ready", "namespace": dp.namespace, "admin_port": dp.admin_port, "listeners": dp.ports}
-        ),
-        flush=True,
-    )
+    ready = {
+        "event": "dataplane_ready",
+        "namespace": dp.namespace,
+        "admin_port": dp.admin_port,
+        "listeners": dp.ports,
+        "gateway_listeners": dp.gateway_ports,
+    }
+    print(json.dumps(ready), flush=True)
     try:
         await stop.wait()
     finally:
         await dp.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from devkit.demo.whoami import configure_logging
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m devkit.demo.dataplane", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--kubeconfig", default=None)
     p.add_argument("--namespace", required=True)
@@ -983,14 +786,48 @@ def main(argv: list[str] | None = None) -> int:
         help="serve this parent Service on 127.0.0.1:PORT (0 = free); repeatable. "
         "Without it every parent Service gets a free port.",
     )
+    p.add_argument(
+        "--gateway-listen",
+        action="append",
+        default=[],
+        metavar="GATEWAY/LISTENER=PORT",
+        help="serve this Gateway listener on 127.0.0.1:PORT (0 = free); repeatable. "
+        "Without it every HTTP listener of every Gateway gets a free port.",
+    )
     p.add_argument("--admin-port", type=int, default=0, help="/metrics, /routes (0 = free)")
     p.add_argument(
         "--caller-app-id", default="ingress", help=f"Dapr app_id of callers without a {CALLER_HEADER} header"
     )
     p.add_argument("--seed", type=int, default=None, help="seed the weighted choice")
+    p.add_argument(
+        "--run-pods",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run a local whoami process for every whoami Pod (default: on)",
+    )
+    p.add_argument("--pod-node", default=None, help="only Pods bound to this Node (default: any Node)")
+    p.add_argument("--pod-log-dir", type=Path, default=None, help="stderr of the Pods' processes (pod-<name>.log)")
+    p.add_argument(
+        "--dapr-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="imitate a shared daprd's service-invocation metrics (default: on; off with real daprds)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from devkit.demo.whoami import configure_logging
+
+    p = _parser()
     args = p.parse_args(argv)
     try:
-        listen = _parse_listen(args.listen) if args.listen else None
+        listen = _parse_ports(args.listen, "--listen", "whoami=18080") if args.listen else None
+        gateway_listen = (
+            _parse_ports(args.gateway_listen, "--gateway-listen", "default-gateway/http=18000")
+            if args.gateway_listen
+            else None
+        )
     except ValueError as exc:
         p.error(str(exc))
     configure_logging()
@@ -998,9 +835,14 @@ def main(argv: list[str] | None = None) -> int:
         args.kubeconfig,
         args.namespace,
         listen=listen,
+        gateway_listen=gateway_listen,
         admin_port=args.admin_port,
         caller_app_id=args.caller_app_id,
         seed=args.seed,
+        run_pods=args.run_pods,
+        pod_node=args.pod_node,
+        pod_log_dir=args.pod_log_dir,
+        dapr_metrics=args.dapr_metrics,
     )
     asyncio.run(_serve(dp))
     return 0

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from devkit.demo.dataplane import (
-    DataPlaneStats,
+    DaprImitation,
     build_table,
     choose_backend,
     local_backend_objects,
@@ -21,17 +21,37 @@ from devkit.demo.whoami import ErrorSchedule, Whoami, WhoamiConfig
 
 
 async def test_whoami_answers_like_traefik_whoami() -> None:
-    async with Whoami(WhoamiConfig(name="v1")) as w, aiohttp.ClientSession() as s:
-        async with s.get(w.url + "/some/path?x=1", headers={"X-Test": "yes"}) as r:
-            text = await r.text()
+    """traefik/whoami's bytes: LF lines about itself, then the request as Go's Request.Write
+    writes it (CRLF, canonical header names sorted, default User-Agent, empty line)."""
+    cfg = WhoamiConfig(name="v1", hostname="whoami-v1-abc", ips=("127.0.0.1", "10.244.0.5"))
+    async with Whoami(cfg) as w, aiohttp.ClientSession(skip_auto_headers=["User-Agent"]) as s:
+        headers = {"dapr-caller-app-id": "ingress", "Dapr-Callee-App-Id": "whoami", "Accept": "*/*"}
+        async with s.get(w.url + "/some/path?x=1", headers=headers) as r:
+            body = await r.read()
             assert r.status == 200
             assert r.headers["x-whoami-name"] == "v1"
-        assert text.splitlines()[0] == "Name: v1"
-        assert "GET /some/path?x=1 HTTP/1.1" in text
-        assert "X-Test: yes" in text
-        async with s.get(w.url + "/api") as r:
-            body = await r.json()
-        assert body["name"] == "v1" and body["headers"]["Host"].startswith("127.0.0.1:")
+            assert r.headers["content-type"] == "text/plain; charset=utf-8"
+        about, _, wire = body.partition(b"RemoteAddr: 127.0.0.1:")
+        assert about == b"Name: v1\nHostname: whoami-v1-abc\nIP: 127.0.0.1\nIP: 10.244.0.5\n"
+        port, _, request = wire.partition(b"\n")
+        assert port.isdigit()
+        lines = request.decode().split("\r\n")
+        assert lines[:3] == [
+            "GET /some/path?x=1 HTTP/1.1",
+            f"Host: 127.0.0.1:{w.port}",
+            "User-Agent: Go-http-client/1.1",
+        ]
+        assert lines[-2:] == ["", ""]  # the empty line that ends the headers; no body
+        names = [line.split(":")[0] for line in lines[3:-2]]
+        assert names == sorted(names) and {"Accept", "Dapr-Callee-App-Id", "Dapr-Caller-App-Id"} <= set(names)
+        assert "Dapr-Caller-App-Id: ingress" in lines
+        async with s.post(w.url + "/api", data=b"x") as r:
+            api = await r.json()
+        assert api["name"] == "v1" and api["method"] == "POST" and api["host"] == f"127.0.0.1:{w.port}"
+        assert api["hostname"] == "whoami-v1-abc" and api["ip"] == ["127.0.0.1", "10.244.0.5"]
+        assert "Host" not in api["headers"] and api["headers"]["Content-Length"] == ["1"]
+        async with s.get(w.url + "/health") as r:
+            assert r.status == 200 and await r.read() == b""
 
 
 def test_error_schedule_is_exact_and_spread() -> None:
@@ -130,7 +150,7 @@ def test_build_table_resolves_local_endpoints_and_prefixes() -> None:
     assert rule_api is not None and [b.service for b in rule_api.backends] == ["whoami-v2"]
     rule_root = pr.rule_for("/apix")  # element-wise prefix: /api does not match /apix
     assert rule_root is not None and rule_root.total_weight == 100
-    assert rule_root.backends[0].cluster == "ns/whoami/ns:whoami-v1:80"
+    assert rule_root.backends[0].cluster == "ns/whoami/ns_whoami-v1_80"
 
 
 def test_weighted_choice_respects_zero_and_ratio() -> None:
@@ -144,18 +164,14 @@ def test_weighted_choice_respects_zero_and_ratio() -> None:
     assert choose_backend(zero, rng) is None
 
 
-def test_stats_exposition_names() -> None:
-    stats = DataPlaneStats()
+def test_dapr_imitation_names() -> None:
+    """The imitated Dapr series (Envoy's exposition: tests/unit/test_envoy_exposition.py)."""
+    stats = DaprImitation()
     reg = CollectorRegistry(auto_describe=False)
     reg.register(stats)
-    stats.record(cluster="ns/whoami/ns:whoami-v1:80", caller="ingress", app_id="whoami", status=200, elapsed_ms=3.0)
+    stats.record(caller="ingress", app_id="whoami", status=200, elapsed_ms=3.0)
     text = generate_latest(reg).decode()
     for line in (
-        'envoy_cluster_upstream_rq{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",envoy_response_code="200"} 1.0',
-        'envoy_cluster_upstream_rq_xx{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",'
-        'envoy_response_code_class="2"} 1.0',
-        'envoy_cluster_upstream_rq_total{envoy_cluster_name="ns/whoami/ns:whoami-v1:80"} 1.0',
-        'envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name="ns/whoami/ns:whoami-v1:80",le="5"} 1.0',
         'dapr_runtime_service_invocation_req_sent_total{app_id="ingress",dst_app_id="whoami",type="unary"} 1.0',
         'dapr_runtime_service_invocation_res_recv_total{app_id="ingress",src_app_id="whoami",'
         'status="200",type="unary"} 1.0',
