@@ -49,7 +49,8 @@ Envoy's "no healthy upstream"). The routing table is an immutable snapshot swapp
 event and read once per request, so a weight change never splits one request across two tables.
 A connection error is retried once on another ready endpoint of the same backend (the same one if
 it is alone); still failing → 503 "upstream connect error …". Every answer carries
-``x-canaryd-backend: <service>`` when a backend was chosen.
+``x-canaryd-backend: <service>`` when a backend was chosen — the innermost one: an answer that
+comes back through the Gateway, the daprds and the GAMMA split names the version that served it.
 
 **Metrics** (``/metrics``), per request — not per attempt:
 
@@ -646,7 +647,9 @@ class DataPlane:
         self.envoy.cluster(backend.cluster).charge(up.status, sent=up.sent, upstream_ms=up.upstream_ms)
         if up.error is not None:
             self._log_unavailable(backend.cluster, up.error)
-        up.headers[BACKEND_HEADER] = backend.service
+        # The innermost choice wins: through the Gateway, the answer already names the version the
+        # GAMMA split chose behind the daprds; the Gateway hop (ingress-dapr) is not the news.
+        up.headers.setdefault(BACKEND_HEADER, backend.service)
         if up.upstream_ms is not None:
             up.headers["x-envoy-upstream-service-time"] = str(up.upstream_ms)
         return _answer(dapr, caller, app_id, began, up)

@@ -1,26 +1,37 @@
-"""``canaryd demo``: two rollouts end to end on one machine, with live progress and a summary.
+"""``canaryd demo``: two rollouts end to end on one machine, through the reference setup's request path.
 
-Plays the cluster and the user; canaryd itself runs unmodified as ``python -m canaryd run`` in a
-subprocess and only sees the apiserver and Prometheus. The flow:
+Plays the cluster's data plane and the user; canaryd itself runs unmodified as ``python -m canaryd
+run`` in a subprocess and only sees the apiserver and Prometheus. The flow:
 
-1. the devstack (etcd + kube-apiserver + Prometheus at a 1 s scrape), built or reused;
-2. namespace ``demo``: a selector-less parent Service ``whoami``, local ``whoami`` processes
-   v1, v2 and v3 (v3 answers ``bad_error_ratio`` of its requests with 500) behind FQDN
-   EndpointSlices, the HTTPRoute ``whoami`` (v1 100 / v2 0) and the local data plane, which
-   Prometheus scrapes through a file_sd target;
-3. ``canaryd run`` (leader election off, namespace ``demo`` only) and fixed-rate load;
-4. rollout 1: annotate the route for canary whoami-v2 (healthy) → Promoted;
-5. rollout 2: swap the rule to v2 100 / v3 0 and make whoami-v3 the canary → RolledBack.
+1. the devstack: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (one fake
+   Node) and Prometheus at a 1 s scrape, built or reused;
+2. the seed's manifests from config/samples/, applied with kubectl: the ``whoami`` Service, the
+   Deployments and Services ``whoami-v1``/``-v2``/``-v3``, the GAMMA HTTPRoute
+   ``whoami-route-service`` (v1 100 / v2 0, no canaryd annotation yet) and, from
+   config/samples/ingress/, the Gateway ``default-gateway`` with the Dapr-ized ingress route
+   (URLRewrite to ``/v1.0/invoke/whoami.default/method/``, backend ``ingress-dapr:3500``). The
+   real controllers make the Pods, kwok runs them to Ready, the EndpointSlice controller lists them;
+3. the local data plane (devkit.demo.dataplane): the Gateway listener, the GAMMA split of the
+   whoami Service, Envoy's metrics, and one local whoami process per Pod (the pod runner);
+4. real Dapr (devkit.devstack.dapr): Sentry and two daprds with mTLS, ``ingress`` (behind the
+   ``ingress-dapr`` Service) and ``whoami`` in Dapr-shared style, its app channel pointing at the
+   data plane's listener for the whoami Service; Prometheus scrapes both daprds and the data plane;
+5. ``canaryd run`` (leader election off, this namespace only) and fixed-rate load at the Gateway;
+6. rollout 1: annotate the route for canary whoami-v2 (healthy) → Promoted;
+7. rollout 2: swap the rule to v2 100 / v3 0 and make whoami-v3 the canary → RolledBack. v3 is
+   the seed's bad release: its container listens on 8080 while its Service targets 80, so every
+   request it is sent ends in Envoy's upstream connect error (503) — seen per version by the
+   ``envoy`` signal and, for the whole service, by the ``dapr`` signal on the daprds' real series.
 
-Progress comes from a watch on the route (one line per change of phase, step, weights or
-analysis round). Every process started here is stopped in ``finally`` (also on Ctrl-C).
+A request: load → Gateway listener (rewrite) → ingress daprd → (mTLS) → whoami daprd → the
+whoami Service's GAMMA split → the local process standing in for one of the Pods the
+EndpointSlice lists. Progress comes from a watch on the route (one line per change of phase,
+step, weights or analysis round). Every process started here is stopped in ``finally`` (also on
+Ctrl-C); the namespace's objects stay for a look (``--keep`` keeps the whole stack).
 
-Statistics. A round is judged only with ``min_requests`` canary requests in the window, and
-fails below ``success_rate_min`` percent (or on the judge's relative z-test against the
-stable). With 150 and 95 %: a canary failing 10 % of requests (binomially) passes a round
-with p ≈ 1.4 %; a canary failing 1 % fails a round with p ≈ 0.015 % (and rollback needs
-``failure_threshold`` failed rounds in a row). The analysis window is sized so the first step
-collects ``min_requests`` at the demo's request rate (``DemoConfig.window_s``).
+Statistics. A round is judged only with ``min_requests`` canary requests in the window; the
+analysis window is sized so the first step collects ``min_requests`` at the demo's request rate
+(``DemoConfig.window_s``).
 
 Must not: import the controller (engine, judge, routes); it reads the state annotation through
 the public codec ``canaryd.core.state`` only. Traffic goes to 127.0.0.1 only.
@@ -36,6 +47,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,20 +57,30 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
-from canaryd.core.state import Phase, RolloutState
+from canaryd.core.state import AnalysisRecord, Phase, RolloutState
 from canaryd.errors import CanarydError
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
 from canaryd.kube.api import lister
 from canaryd.kube.informer import Informer
-from devkit.demo.dataplane import apply_local_backend
+from devkit.demo.dataplane import apply_local_daprd
 from devkit.demo.loadgen import NO_BACKEND, Result, run_load
+from devkit.devstack.controllers import NODE_NAME
+from devkit.devstack.dapr import DaprApp, DaprMesh, start_mesh
 from devkit.devstack.prometheus import PrometheusServer, free_port
 
-ROUTE = "whoami"
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "config" / "samples"
+SEED_MANIFESTS = (
+    SAMPLES / "whoami.yaml",
+    SAMPLES / "httproute-whoami-route-service.yaml",
+    SAMPLES / "ingress" / "gateway.yaml",
+)
+ROUTE = "whoami-route-service"
 PARENT = "whoami"
+GATEWAY_LISTENER = "default-gateway/http"
 APP_ID = "whoami"
+CALLER_APP_ID = "ingress"
 VERSIONS = ("whoami-v1", "whoami-v2", "whoami-v3")
 STATE_ANNOTATION = "canaryd.io/state"
 _JSON_PATCH: dict[str, Any] = {"_content_type": "application/json-patch+json"}
@@ -72,14 +94,13 @@ class DemoError(CanarydError):
 
 @dataclass(frozen=True)
 class DemoConfig:
-    namespace: str = "demo"
+    namespace: str = "default"  # the seed's (its rewrite names whoami.default)
     interval_s: float = 3.0
     rate: float = 50.0  # requests per second from the load generator
     steps: tuple[int, ...] = (20, 50, 80, 100)
     min_requests: int = 150
     success_rate_min: float = 95.0
     failure_threshold: int = 2
-    bad_error_ratio: float = 0.1
     baseline_s: float = 3.0  # load before the first rollout starts (Prometheus gets a history)
     hold_s: float | None = None  # how long to keep each final state visible (default: interval)
     settle_s: float = 1.0  # excluded around each weight change when measuring shares
@@ -107,7 +128,7 @@ class DemoConfig:
             "canaryd.io/analysis": "envoy,dapr",
             "canaryd.io/analysis-window": f"{self.window_s:g}s",
             "canaryd.io/app-id": APP_ID,
-            "canaryd.io/caller-app-id": "ingress",
+            "canaryd.io/caller-app-id": CALLER_APP_ID,
             "canaryd.io/success-rate-min": f"{self.success_rate_min:g}",
             "canaryd.io/min-requests": str(self.min_requests),
             "canaryd.io/failure-threshold": str(self.failure_threshold),
@@ -170,6 +191,8 @@ class DemoResult:
     rollback_at: float | None = None  # the RolledBack patch seen by the route watch
     lines: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)  # every process the demo started
+    mtls_certs: int | None = None  # certificates Dapr Sentry signed (one per daprd with mTLS on)
+    rollback_round: dict[str, AnalysisRecord] = field(default_factory=dict)  # signal -> the last round
 
     @property
     def detection_s(self) -> float | None:
@@ -427,67 +450,62 @@ class Load:
 # --------------------------------------------------------------------------- the demo
 
 
-def _route_body(namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GATEWAY_GROUP}/{GATEWAY_VERSION}",
-        "kind": "HTTPRoute",
-        "metadata": {"name": ROUTE, "namespace": namespace},
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": PARENT, "port": 80}],
-            "rules": [
-                {
-                    "backendRefs": [
-                        {"name": "whoami-v1", "port": 80, "weight": 100},
-                        {"name": "whoami-v2", "port": 80, "weight": 0},
-                    ]
-                }
-            ],
-        },
-    }
+async def _kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> str:
+    """The devstack's kubectl, as a user would run it; its error is the demo's error."""
+    from devkit.devstack.binaries import binaries
 
-
-async def _ensure_namespace(api: client.ApiClient, namespace: str) -> None:
-    core = client.CoreV1Api(api)
-    try:
-        await core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    ns = await core.read_namespace(namespace)
-    if ns.status and ns.status.phase == "Terminating":
-        raise DemoError(
-            f"namespace {namespace} is Terminating (no namespace controller runs in "
-            "devstack); use another --namespace or a fresh --dir"
-        )
-    try:
-        await core.create_namespaced_service(
-            namespace,
-            client.V1Service(
-                metadata=client.V1ObjectMeta(name=PARENT),
-                spec=client.V1ServiceSpec(ports=[client.V1ServicePort(name="http", port=80)]),
-            ),
-        )
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-
-
-async def _reset_route(api: client.ApiClient, namespace: str) -> None:
-    """A fresh route each run: the state of an earlier demo must not carry over."""
-    co = client.CustomObjectsApi(api)
-    with contextlib.suppress(ApiException):
-        await co.delete_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, ROUTE)
-    for _ in range(50):  # bounded: no finalizers, so deletion is immediate
-        try:
-            await co.get_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, ROUTE)
-        except ApiException as exc:
-            if exc.status == 404:
-                break
-            raise
-        await asyncio.sleep(0.1)
-    await co.create_namespaced_custom_object(
-        GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, _route_body(namespace)
+    proc = await asyncio.create_subprocess_exec(
+        str(binaries().kubectl),
+        "--kubeconfig",
+        kubeconfig,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
+    out, err = await proc.communicate(stdin.encode() if stdin else None)
+    if proc.returncode != 0:
+        raise DemoError(f"kubectl {' '.join(args)} failed: {err.decode().strip()}")
+    return out.decode()
+
+
+async def _ensure_namespace(kubeconfig: str, namespace: str) -> None:
+    ns = json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    await _kubectl(kubeconfig, "apply", "--server-side", "-f", "-", stdin=ns)
+    phase = await _kubectl(kubeconfig, "get", "namespace", namespace, "-o", "jsonpath={.status.phase}")
+    if phase == "Terminating":
+        raise DemoError(f"namespace {namespace} is being deleted; wait or use another --namespace")
+
+
+async def _apply_seed(kubeconfig: str, namespace: str) -> None:
+    """The seed's manifests as a user applies them; the route afresh (no state of an earlier demo)."""
+    await _kubectl(kubeconfig, "delete", "httproute", ROUTE, "-n", namespace, "--ignore-not-found", "--wait")
+    args = [a for m in SEED_MANIFESTS for a in ("-f", str(m))]
+    await _kubectl(kubeconfig, "apply", "--server-side", "-n", namespace, *args)
+    deployments = [f"deployment/{v}" for v in VERSIONS]
+    await _kubectl(kubeconfig, "wait", "-n", namespace, "--for=condition=Available", "--timeout=90s", *deployments)
+
+
+async def _cluster_facts(kubeconfig: str, namespace: str) -> tuple[int, int]:
+    """Ready Pods (kwok's work) and the ready endpoints the EndpointSlice controller lists for them."""
+    pods = json.loads(await _kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "json"))["items"]
+    ready = sum(
+        1
+        for p in pods
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in p["status"].get("conditions") or [])
+    )
+    selector = "endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io"
+    slices = json.loads(
+        await _kubectl(kubeconfig, "get", "endpointslices", "-n", namespace, "-l", selector, "-o", "json")
+    )["items"]
+    endpoints = sum(
+        1
+        for sl in slices
+        if sl["metadata"]["labels"].get("kubernetes.io/service-name") in VERSIONS
+        for e in sl.get("endpoints") or []
+        if (e.get("conditions") or {}).get("ready")
+    )
+    return ready, endpoints
 
 
 async def _patch(api: client.ApiClient, namespace: str, ops: list[dict[str, Any]]) -> None:
@@ -545,6 +563,11 @@ async def run_demo(
         result.lines.append(line)
         (emit or print)(line)
 
+    if cfg.namespace != "default":
+        raise DemoError(
+            f"the demo runs in namespace default, not {cfg.namespace}: the seed's ingress route invokes "
+            "whoami.default, and Dapr's mTLS checks the callee's namespace (its SPIFFE ID)"
+        )
     t0 = time.monotonic()
     log_dir = cfg.log_dir or Path(prometheus.targets_dir).parent.parent / "demo-logs"
     procs = Processes(log_dir)
@@ -552,18 +575,16 @@ async def run_demo(
     api = await new_client(kubeconfig)
     tasks: list[asyncio.Task[None]] = []
     load: Load | None = None
+    mesh: DaprMesh | None = None
     try:
         py = sys.executable
-        await _ensure_namespace(api, cfg.namespace)
-        await _reset_route(api, cfg.namespace)
-        ports: dict[str, int] = {}
-        for v in VERSIONS:
-            argv = [py, "-m", "devkit.demo.whoami", "--name", _short(v), "--port", "0"]
-            if v == "whoami-v3":
-                argv += ["--error-ratio", f"{cfg.bad_error_ratio:g}"]
-            ready = await procs.start(v, argv)
-            ports[v] = int(ready["port"])
-            await apply_local_backend(api, cfg.namespace, v, [ports[v]])
+        await _ensure_namespace(kubeconfig, cfg.namespace)
+        await _apply_seed(kubeconfig, cfg.namespace)
+        pods, endpoints = await _cluster_facts(kubeconfig, cfg.namespace)
+        say(
+            f"{time.monotonic() - t0:6.1f}s  applied {', '.join(m.name for m in SEED_MANIFESTS)}: "
+            f"{pods} Pods Ready on kwok's Node, {endpoints} ready endpoints from the EndpointSlice controller"
+        )
         ready = await procs.start(
             "dataplane",
             [
@@ -576,13 +597,26 @@ async def run_demo(
                 cfg.namespace,
                 "--listen",
                 f"{PARENT}=0",
+                "--gateway-listen",
+                f"{GATEWAY_LISTENER}=0",
                 "--admin-port",
                 "0",
+                "--no-dapr-metrics",
+                "--pod-node",
+                NODE_NAME,
+                "--pod-log-dir",
+                str(log_dir),
             ],
         )
-        url = f"http://127.0.0.1:{int(ready['listeners'][PARENT])}/"
+        whoami_port = int(ready["listeners"][PARENT])
+        url = f"http://127.0.0.1:{int(ready['gateway_listeners'][GATEWAY_LISTENER])}/hello"
+        apps = [DaprApp(CALLER_APP_ID, cfg.namespace), DaprApp(APP_ID, cfg.namespace, app_port=whoami_port)]
+        mesh = await asyncio.to_thread(start_mesh, log_dir / "dapr-mesh", apps, mtls=True)
+        await apply_local_daprd(api, cfg.namespace, mesh.daprds[CALLER_APP_ID].http_port)
         prometheus.add_target(job, f"127.0.0.1:{int(ready['admin_port'])}")
-        await prometheus.wait_target_up(job, timeout=60)
+        mesh.add_scrape_targets(prometheus)
+        for j in (job, *mesh.scrape_jobs):
+            await prometheus.wait_target_up(j, timeout=60)
         http_port = free_port()
         await procs.start(
             "canaryd",
@@ -592,13 +626,13 @@ async def run_demo(
         )
         await _wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", procs, "canaryd", 90)
         say(
-            f"{time.monotonic() - t0:6.1f}s  ready: whoami v1/v2/v3 (v3 fails {cfg.bad_error_ratio:.0%}), "
-            f"data plane {url}, canaryd (pid {procs.pids['canaryd']}), Prometheus {prometheus.url}"
+            f"{time.monotonic() - t0:6.1f}s  ready: data plane (Gateway {url}), Dapr Sentry + daprds "
+            f"{CALLER_APP_ID}/{APP_ID} with mTLS, canaryd (pid {procs.pids['canaryd']}), Prometheus {prometheus.url}"
         )
         say(
-            f"        load {cfg.rate:g} rps; steps {','.join(map(str, cfg.steps))} every {cfg.interval_s:g}s; "
-            f"analysis envoy+dapr over {cfg.window_s:g}s, >= {cfg.min_requests} canary requests, "
-            f"success >= {cfg.success_rate_min:g}%, rollback after {cfg.failure_threshold} failed rounds"
+            f"        load {cfg.rate:g} rps through the Gateway; steps {','.join(map(str, cfg.steps))} every "
+            f"{cfg.interval_s:g}s; analysis envoy+dapr over {cfg.window_s:g}s, >= {cfg.min_requests} canary "
+            f"requests, success >= {cfg.success_rate_min:g}%"
         )
 
         t_run = time.monotonic()
@@ -633,7 +667,7 @@ async def run_demo(
             )
         await asyncio.sleep(hold)
 
-        # Rollout 2: whoami-v3 over whoami-v2, answers bad_error_ratio of requests with 500.
+        # Rollout 2: whoami-v3 over whoami-v2; the seed's bad release (listens on the wrong port).
         say(f"{watcher.now():6.1f}s  annotate route: canary whoami-v3 (rule: v2 100 / v3 0)")
         route = watcher.route or route
         await _patch(
@@ -659,6 +693,8 @@ async def run_demo(
         result.phases["whoami-v3"] = st.phase.value
         result.rollout_s["whoami-v3"] = watcher.now() - start
         result.rollback_at = watcher.phase_at.get(("whoami-v3", Phase.ROLLED_BACK.value))
+        last_at = st.history[-1].at if st.history else ""
+        result.rollback_round = {h.signal: h for h in st.history if h.at == last_at}
         if st.phase == Phase.ROLLED_BACK:
             say(f"{watcher.now():6.1f}s  {st.message}")
         await asyncio.sleep(hold)
@@ -681,12 +717,35 @@ async def run_demo(
                 await t
         result.pids = procs.pids
         prometheus.remove_target(job)
+        if mesh is not None:
+            result.mtls_certs = _sentry_signed(mesh)
+            result.pids.update(mesh.pids)
+            for j in mesh.scrape_jobs:
+                prometheus.remove_target(j)
+            await asyncio.to_thread(mesh.stop)
         await procs.stop_all()
         await api.close()
     _account(result, cfg)
     for line in summary_lines(result, cfg):
         say(line)
     return result
+
+
+def _sentry_signed(mesh: DaprMesh) -> int | None:
+    """How many workload certificates Sentry signed, from its own metrics (mTLS evidence)."""
+    if mesh.sentry is None:
+        return None
+    url = f"http://{mesh.sentry.metrics_address}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("dapr_sentry_cert_sign_success_total")
+    )
 
 
 async def _guard(coro: Any, watcher: RouteWatch) -> None:
@@ -712,15 +771,26 @@ def _account(result: DemoResult, cfg: DemoConfig) -> None:
                 break
 
 
+def _round_text(h: AnalysisRecord) -> str:
+    what = f"{h.canary_success:.1f}% of {h.canary_requests or 0:,.0f}" if h.canary_success is not None else "no data"
+    if h.signal == "dapr":
+        return f"dapr {h.verdict} (whole service via the daprds: {what})"
+    stable = f", stable {h.stable_success:.1f}%" if h.stable_success is not None else ""
+    return f"{h.signal} {h.verdict} (canary {what}{stable})"
+
+
 def summary_lines(result: DemoResult, cfg: DemoConfig) -> list[str]:
     out = ["", "summary"]
     for canary, phase in result.phases.items():
         out.append(f"  rollout {canary}: {phase} after {result.rollout_s.get(canary, 0):.1f}s")
+    if result.rollback_round:
+        out.append("  whoami-v3's last round: " + "; ".join(_round_text(h) for h in result.rollback_round.values()))
+    if result.mtls_certs is not None:
+        out.append(f"  Dapr mTLS: Sentry signed {result.mtls_certs} workload certificates (one per daprd)")
     if result.detection_s is not None:
         out.append(
-            f"  first bad response (5xx from whoami-v3) -> rollback patch: {result.detection_s:.1f}s "
-            f"(needs {cfg.min_requests} canary requests in the window, then "
-            f"{cfg.failure_threshold} failed rounds {cfg.interval_s:g}s apart)"
+            f"  first bad response (503 from whoami-v3) -> rollback patch: {result.detection_s:.1f}s "
+            f"(rounds every {cfg.interval_s:g}s, judged once {cfg.min_requests} canary requests are in)"
         )
     backends = [v for v in VERSIONS if any(v in s.weights for s in result.segments)]
     out.append(

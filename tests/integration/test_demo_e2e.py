@@ -1,7 +1,10 @@
 """``canaryd demo`` as a library, against the session's real apiserver and Prometheus.
 
-The same flow as the CLI with shorter intervals: whoami-v2 (healthy) is promoted, whoami-v3
-(10 % 500s) is rolled back by analysis; ``canaryd run`` is a real subprocess.
+The same flow as the CLI with shorter intervals, through the seed's request path (Gateway →
+ingress daprd → mTLS → whoami daprd → GAMMA split → the process standing in for a Pod that the
+real controllers, scheduler and kwok run): whoami-v2 (healthy) is promoted, whoami-v3 (the seed's
+bad release, on the wrong port: every request it gets is a 503) is rolled back by analysis on
+both the envoy and the real daprds' dapr signal; ``canaryd run`` is a real subprocess.
 
 Shares: between two weight changes seen by the route watch, the share of the answered
 requests a version served is binomial; we accept |observed - expected| <= 4 sigma
@@ -12,13 +15,14 @@ requests a version served is binomial; we accept |observed - expected| <= 4 sigm
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
 from devkit.demo.loadgen import NO_BACKEND
 from devkit.demo.run import VERSIONS, DemoConfig, run_demo
 from devkit.devstack.prometheus import PrometheusServer
-from tests.conftest import Stack
+from tests.conftest import Stack, fresh_stack
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +39,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def seed_stack() -> Iterator[Stack]:
+    """A control plane of the demo's own: the seed lives in namespace ``default`` (its ingress route
+    invokes ``whoami.default``, and Dapr's mTLS checks that namespace in the callee's SPIFFE ID)."""
+    with fresh_stack("canaryd-demo-") as s:
+        yield s
+
+
 async def test_demo_promotes_good_and_rolls_back_bad(
-    stack: Stack,
+    seed_stack: Stack,
     prometheus: PrometheusServer,
-    namespace: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
+    stack = seed_stack
     cfg = DemoConfig(
-        namespace=namespace,
         interval_s=2.5,
         steps=(20, 50, 100),
         settle_s=0.75,
@@ -62,7 +73,15 @@ async def test_demo_promotes_good_and_rolls_back_bad(
     assert {r.backend for r in result.requests} <= set(VERSIONS)
     assert NO_BACKEND not in {r.backend for r in result.requests}
     bad = {(r.backend, r.status) for r in result.requests if r.status != "200"}
-    assert bad <= {("whoami-v3", "500")}, bad
+    assert bad <= {("whoami-v3", "503")}, bad
+    assert ("whoami-v3", "503") in bad  # the seed's bad release really failed
+
+    # Both signals judged the bad release: per version (Envoy) and whole-service (the real daprds).
+    verdicts = {signal: h.verdict for signal, h in result.rollback_round.items()}
+    assert verdicts == {"envoy": "fail", "dapr": "fail"}, result.lines
+    assert result.rollback_round["dapr"].canary_requests, "the dapr signal saw no requests"
+    # mTLS was on: Sentry signed one certificate per daprd.
+    assert result.mtls_certs == 2, result.lines
 
     # The share each version served at each step matches the route's weights.
     measured = [s for s in result.segments if s.n > 0]
@@ -87,5 +106,5 @@ async def test_demo_promotes_good_and_rolls_back_bad(
     assert 0 < detection <= limit, result.lines
 
     # Every process the demo started is gone.
-    assert set(result.pids) == {*VERSIONS, "dataplane", "canaryd"}
+    assert set(result.pids) == {"dataplane", "canaryd", "dapr-sentry", "daprd-ingress", "daprd-whoami"}
     assert not [n for n, pid in result.pids.items() if _alive(pid)]
