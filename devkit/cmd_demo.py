@@ -15,10 +15,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "demo",
         help="run two canary rollouts end to end on this machine",
         description=(
-            "Start (or reuse) the devstack, local whoami v1/v2/v3 behind a local GAMMA data plane, "
-            "fixed-rate load and 'canaryd run'; roll whoami-v2 out (healthy: Promoted), then "
-            "whoami-v3 (answers 10%% of requests with 500: RolledBack). Prints one line per change "
-            "of the rollout and a summary; stops every process it started."
+            "Start (or reuse) the devstack (apiserver, controllers, scheduler, kwok, Prometheus), apply "
+            "the seed's manifests from config/samples/, run the local data plane and real Dapr (Sentry, "
+            "daprds with mTLS), fixed-rate load through the Gateway and 'canaryd run'; roll whoami-v2 "
+            "out (healthy: Promoted), then whoami-v3 (listens on the wrong port: RolledBack). Prints "
+            "one line per change of the rollout and a summary; stops every process it started."
         ),
         epilog="example:\n  canaryd demo --dir .devstack --interval 3s --keep",
         formatter_class=argparse.RawDescriptionHelpFormatter,

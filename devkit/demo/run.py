@@ -549,6 +549,84 @@ def canaryd_env(kubeconfig: str, prometheus_url: str, namespace: str, http_port:
     return env
 
 
+class World:
+    """What the demo starts around canaryd: the seed's objects, the data plane, the Dapr mesh."""
+
+    def __init__(self, procs: Processes, prometheus: PrometheusServer) -> None:
+        self.procs = procs
+        self.prometheus = prometheus
+        self.mesh: DaprMesh | None = None
+        self.jobs: list[str] = []
+
+    async def start(
+        self, cfg: DemoConfig, api: client.ApiClient, kubeconfig: str, log_dir: Path, say: Callable[[str], None]
+    ) -> str:
+        """Everything up to a ready ``canaryd run``; returns the Gateway URL the load goes to."""
+        await _ensure_namespace(kubeconfig, cfg.namespace)
+        await _apply_seed(kubeconfig, cfg.namespace)
+        pods, endpoints = await _cluster_facts(kubeconfig, cfg.namespace)
+        say(
+            f"applied {', '.join(m.name for m in SEED_MANIFESTS)}: {pods} Pods Ready on kwok's Node, "
+            f"{endpoints} ready endpoints from the EndpointSlice controller"
+        )
+        ready = await self.procs.start("dataplane", _dataplane_argv(kubeconfig, cfg.namespace, log_dir))
+        url = f"http://127.0.0.1:{int(ready['gateway_listeners'][GATEWAY_LISTENER])}/hello"
+        apps = [
+            DaprApp(CALLER_APP_ID, cfg.namespace),
+            DaprApp(APP_ID, cfg.namespace, app_port=int(ready["listeners"][PARENT])),
+        ]
+        self.mesh = await asyncio.to_thread(start_mesh, log_dir / "dapr-mesh", apps, mtls=True)
+        await apply_local_daprd(api, cfg.namespace, self.mesh.daprds[CALLER_APP_ID].http_port)
+        self.jobs = [f"demo-dataplane-{cfg.namespace}", *self.mesh.scrape_jobs]
+        self.prometheus.add_target(self.jobs[0], f"127.0.0.1:{int(ready['admin_port'])}")
+        self.mesh.add_scrape_targets(self.prometheus)
+        for job in self.jobs:
+            await self.prometheus.wait_target_up(job, timeout=60)
+        http_port = free_port()
+        env = canaryd_env(kubeconfig, self.prometheus.url, cfg.namespace, http_port)
+        await self.procs.start("canaryd", [sys.executable, "-m", "canaryd", "run"], ready_line=False, env=env)
+        await _wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", self.procs, "canaryd", 90)
+        say(
+            f"ready: data plane (Gateway {url}), Dapr Sentry + daprds {CALLER_APP_ID}/{APP_ID} with mTLS, "
+            f"canaryd (pid {self.procs.pids['canaryd']}), Prometheus {self.prometheus.url}"
+        )
+        return url
+
+    async def stop(self) -> None:
+        for job in self.jobs:
+            self.prometheus.remove_target(job)
+        if self.mesh is not None:
+            await asyncio.to_thread(self.mesh.stop)
+        await self.procs.stop_all()
+
+
+def _stamped(say: Callable[[str], None], t0: float, text: str) -> None:
+    say(f"{time.monotonic() - t0:6.1f}s  {text}")
+
+
+def _dataplane_argv(kubeconfig: str, namespace: str, log_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "devkit.demo.dataplane",
+        "--kubeconfig",
+        kubeconfig,
+        "--namespace",
+        namespace,
+        "--listen",
+        f"{PARENT}=0",
+        "--gateway-listen",
+        f"{GATEWAY_LISTENER}=0",
+        "--admin-port",
+        "0",
+        "--no-dapr-metrics",  # the real daprds have the real series
+        "--pod-node",
+        NODE_NAME,
+        "--pod-log-dir",
+        str(log_dir),
+    ]
+
+
 async def run_demo(
     cfg: DemoConfig,
     *,
@@ -571,63 +649,13 @@ async def run_demo(
     t0 = time.monotonic()
     log_dir = cfg.log_dir or Path(prometheus.targets_dir).parent.parent / "demo-logs"
     procs = Processes(log_dir)
-    job = f"demo-dataplane-{cfg.namespace}"
+    world = World(procs, prometheus)
     api = await new_client(kubeconfig)
     tasks: list[asyncio.Task[None]] = []
     load: Load | None = None
-    mesh: DaprMesh | None = None
     try:
-        py = sys.executable
-        await _ensure_namespace(kubeconfig, cfg.namespace)
-        await _apply_seed(kubeconfig, cfg.namespace)
-        pods, endpoints = await _cluster_facts(kubeconfig, cfg.namespace)
-        say(
-            f"{time.monotonic() - t0:6.1f}s  applied {', '.join(m.name for m in SEED_MANIFESTS)}: "
-            f"{pods} Pods Ready on kwok's Node, {endpoints} ready endpoints from the EndpointSlice controller"
-        )
-        ready = await procs.start(
-            "dataplane",
-            [
-                py,
-                "-m",
-                "devkit.demo.dataplane",
-                "--kubeconfig",
-                kubeconfig,
-                "--namespace",
-                cfg.namespace,
-                "--listen",
-                f"{PARENT}=0",
-                "--gateway-listen",
-                f"{GATEWAY_LISTENER}=0",
-                "--admin-port",
-                "0",
-                "--no-dapr-metrics",
-                "--pod-node",
-                NODE_NAME,
-                "--pod-log-dir",
-                str(log_dir),
-            ],
-        )
-        whoami_port = int(ready["listeners"][PARENT])
-        url = f"http://127.0.0.1:{int(ready['gateway_listeners'][GATEWAY_LISTENER])}/hello"
-        apps = [DaprApp(CALLER_APP_ID, cfg.namespace), DaprApp(APP_ID, cfg.namespace, app_port=whoami_port)]
-        mesh = await asyncio.to_thread(start_mesh, log_dir / "dapr-mesh", apps, mtls=True)
-        await apply_local_daprd(api, cfg.namespace, mesh.daprds[CALLER_APP_ID].http_port)
-        prometheus.add_target(job, f"127.0.0.1:{int(ready['admin_port'])}")
-        mesh.add_scrape_targets(prometheus)
-        for j in (job, *mesh.scrape_jobs):
-            await prometheus.wait_target_up(j, timeout=60)
-        http_port = free_port()
-        await procs.start(
-            "canaryd",
-            [py, "-m", "canaryd", "run"],
-            ready_line=False,
-            env=canaryd_env(kubeconfig, prometheus.url, cfg.namespace, http_port),
-        )
-        await _wait_http_ok(f"http://127.0.0.1:{http_port}/readyz", procs, "canaryd", 90)
-        say(
-            f"{time.monotonic() - t0:6.1f}s  ready: data plane (Gateway {url}), Dapr Sentry + daprds "
-            f"{CALLER_APP_ID}/{APP_ID} with mTLS, canaryd (pid {procs.pids['canaryd']}), Prometheus {prometheus.url}"
+        url = await world.start(
+            cfg, api, kubeconfig, log_dir, lambda text: say(f"{time.monotonic() - t0:6.1f}s  {text}")
         )
         say(
             f"        load {cfg.rate:g} rps through the Gateway; steps {','.join(map(str, cfg.steps))} every "
@@ -716,14 +744,10 @@ async def run_demo(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         result.pids = procs.pids
-        prometheus.remove_target(job)
-        if mesh is not None:
-            result.mtls_certs = _sentry_signed(mesh)
-            result.pids.update(mesh.pids)
-            for j in mesh.scrape_jobs:
-                prometheus.remove_target(j)
-            await asyncio.to_thread(mesh.stop)
-        await procs.stop_all()
+        if world.mesh is not None:
+            result.mtls_certs = _sentry_signed(world.mesh)
+            result.pids.update(world.mesh.pids)
+        await world.stop()
         await api.close()
     _account(result, cfg)
     for line in summary_lines(result, cfg):
@@ -848,7 +872,10 @@ def run_with_stack(cfg: DemoConfig, directory: Path, *, keep: bool, out: TextIO 
     t0 = time.monotonic()
     try:
         if info is None:
-            emit(f"starting the devstack in {directory} (etcd, kube-apiserver, Prometheus at a 1 s scrape)...")
+            emit(
+                f"starting the devstack in {directory} (etcd, kube-apiserver, controller-manager, scheduler, "
+                "kwok, Prometheus at a 1 s scrape)..."
+            )
             started = True
             info = stack.up(directory, prometheus=True)
             emit(
