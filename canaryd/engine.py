@@ -4,8 +4,8 @@ Informers keep HTTPRoutes, Services and EndpointSlices current (watch, don't pol
 route annotated ``canaryd.io/canary`` (or carrying canaryd state) gets one worker task; a
 worker reconciles its route when the route or its canary's endpoints change, or when the
 decision's wake-up time comes. A reconcile gathers facts, calls ``decide`` (pure), and
-performs what it returns: one guarded JSON patch (weights + state + consumed intent), then
-Events and metrics. Conflicts re-read the route and decide again.
+performs what it returns: one guarded JSON patch (weights + state + consumed intent + the
+``canaryd.io/phase`` label), then Events and metrics. Conflicts re-read the route and decide again.
 """
 
 from __future__ import annotations
@@ -23,10 +23,18 @@ import structlog
 
 from canaryd.core.admit import Admission, admit, is_managed
 from canaryd.core.analysis import AnalysisTarget, Analyzer, Observation
-from canaryd.core.backends import SERVICE_NAME_LABEL, Pair, RouteRef, annotation_ops, slice_ready, weight_ops
+from canaryd.core.backends import (
+    SERVICE_NAME_LABEL,
+    Pair,
+    RouteRef,
+    annotation_ops,
+    label_ops,
+    slice_ready,
+    weight_ops,
+)
 from canaryd.core.decide import Decision, Event, decide
 from canaryd.core.hooks import key as hook_key
-from canaryd.core.spec import INTENT, STATE
+from canaryd.core.spec import INTENT, PHASE_LABEL, STATE
 from canaryd.core.state import Failure, Phase, RolloutState
 from canaryd.errors import CanarydError, ConflictError, InvalidError, NotFoundError
 from canaryd.hooks import HookRunner, Notifier, payload_from_state
@@ -52,6 +60,18 @@ class _Worker:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _state_ops(
+    obj: dict[str, Any], state: RolloutState | None, remove: dict[str, str], *, shown: RolloutState | None = None
+) -> list[dict[str, Any]]:
+    """The state annotation (when written), the consumed intent, and the ``canaryd.io/phase`` label in sync
+    with the state written or, when none is, with the one the route holds (a route from before the label)."""
+    ops = annotation_ops(obj, {STATE: state.to_annotation()} if state is not None else {}, remove)
+    phase_of = state or shown
+    if phase_of is not None:
+        ops += label_ops(obj, {PHASE_LABEL: phase_of.phase.value})
+    return ops
+
+
 class Engine:
     def __init__(
         self,
@@ -70,7 +90,7 @@ class Engine:
         self.is_leader = is_leader
         self.clock = clock
         self.routes = RouteClient(api, settings.field_manager)
-        self.events = EventRecorder(api, instance=settings.identity)
+        self.events = EventRecorder(api, instance=settings.identity, field_manager=settings.field_manager)
         self._sem = asyncio.Semaphore(settings.max_concurrent_rollouts)
         self._workers: dict[Key, _Worker] = {}
         # Indexed both ways so a slice event or a readiness check costs O(1), not O(routes).
@@ -216,11 +236,12 @@ class Engine:
             facts = dataclasses.replace(adm.facts, observations=observations, hook_results=answers)
             d = decide(facts)
             if d.analyze and adm.pair is not None and adm.spec is not None:
-                observations = await self._analyze(obj, adm, d.window_s)
+                window = d.window_s or adm.spec.analysis.window_s
+                observations = await self._analyze(obj, adm, window)
                 # Measuring takes time: decide (and schedule the next round) from when it ended.
                 facts = dataclasses.replace(facts, observations=observations, now=self.clock())
                 d = decide(facts)
-                self._log_round(d)
+                self._log_round(ref, d, window)
             if d.call_hooks:
                 if not self.is_leader():  # a gate can start a smoke test: only the replica that acts may call it
                     return self.clock() + timedelta(seconds=1)
@@ -264,8 +285,7 @@ class Engine:
                 history=(),
             )
             with contextlib.suppress(CanarydError):
-                ops = annotation_ops(obj, {STATE: failed.to_annotation()}, {})
-                await self.routes.patch(obj, ops)
+                await self.routes.patch(obj, _state_ops(obj, failed, {}))
                 log.info("route_failed_refused_write", at=str(now))
         return self.clock() + timedelta(seconds=min(REFUSED_BACKOFF_S * 2 ** (n - 1), REFUSED_BACKOFF_MAX_S))
 
@@ -336,14 +356,15 @@ class Engine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _log_round(self, d: Decision) -> None:
-        """One canonical line per analysis round, from the records the decision added."""
+    def _log_round(self, ref: RouteRef, d: Decision, window_s: float) -> None:
+        """One canonical line per analysis round, from the records the decision added; the gauges show it."""
         st = d.state
         if st is None:
             return
         recs = [r for r in st.history if r.at == st.updated_at]  # what this round recorded
         for r in recs:
             self.metrics.analysis.labels(r.verdict, r.signal).inc()
+        self.metrics.set_analysis(ref.namespace, ref.name, recs, window_s)
         log.info(
             "analysis_round",
             step=st.step,
@@ -360,9 +381,8 @@ class Engine:
         ops: list[dict[str, Any]] = []
         if d.canary_pct is not None and pair is not None:
             ops += weight_ops(pair, d.canary_pct)
-        set_ = {STATE: d.state.to_annotation()} if d.state is not None else {}
         remove = {INTENT: raw_intent} if d.consume_intent and raw_intent is not None else {}
-        ops += annotation_ops(obj, set_, remove)
+        ops += _state_ops(obj, d.state, remove, shown=before)
         if not ops:
             self._observe(obj, before)
             return False
@@ -382,6 +402,9 @@ class Engine:
             canary_weight=d.canary_pct,
             events=[e.reason for e in d.events],
         )
+        for e in d.events:
+            if e.reason == "WeightsOverwritten":
+                self.metrics.overwrites.labels(ns, name).inc()
         for phase in d.transitions:
             self.metrics.transitions.labels(ns, name, phase).inc()
             self.metrics.last_transition.labels(ns, name).set(time.time())
@@ -400,6 +423,8 @@ class Engine:
         if self._shown.get((ns, name)) == shown:
             return  # most wake-ups change nothing: skip eight gauge updates per tick
         self._shown[(ns, name)] = shown
+        if st.phase.terminal:  # the rollout ended: what its last round judged is no longer being judged
+            self.metrics.forget_analysis(ns, name)
         self.metrics.set_phase(ns, name, st.phase.value)
         self.metrics.canary_weight.labels(ns, name).set(st.canary_weight)
         self.metrics.step.labels(ns, name).set(st.step + 1)

@@ -56,4 +56,12 @@ class GoneError(KubeError):
 
 
 class MetricsError(CanarydError):
-    """Prometheus could not be queried or answered with something unusable."""
+    """Prometheus could not be queried or answered with something unusable.
+
+    The message is one line, cause first ("Prometheus at http://…: connection refused"); the PromQL
+    that failed, when there was one, is kept in ``query`` for structured logs, never in the message.
+    """
+
+    def __init__(self, message: str, *, query: str | None = None) -> None:
+        super().__init__(message)
+        self.query = query

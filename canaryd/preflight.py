@@ -1,9 +1,11 @@
 """``canaryd check``: everything that would stop a route's rollout, found before it starts.
 
 Owns: ``admit()`` (the engine's own admission) on what one read of the cluster returns, plus what
-needs I/O — the RBAC canaryd needs (SelfSubjectAccessReview), the canary's ready EndpointSlices and
-one analysis round against Prometheus — and the ``Report`` they produce. Must not: write anything
-to the cluster, or print — ``canaryd.commands.control`` renders the report.
+needs I/O — the RBAC the daemon uses, where it uses it (SelfSubjectAccessReview), the canary's
+ready EndpointSlices and one analysis round against Prometheus — and the ``Report`` they produce,
+with its ``-o json`` document. A dry run applies annotation values in memory only: the same
+``admit()`` sees them, nothing is written. Must not: write anything to the cluster, or print —
+``canaryd.commands.control`` renders the report.
 """
 
 from __future__ import annotations
@@ -12,17 +14,34 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from canaryd.core.admit import Admission, StaticView, admit
-from canaryd.core.analysis import AnalysisTarget, Judgement, Observation, Verdict
+from canaryd.core.analysis import AnalysisTarget, BackendStats, Judgement, Observation, Verdict
 from canaryd.core.backends import SERVICE_NAME_LABEL, RouteRef, backend_names, slice_ready
 from canaryd.core.judge import judge_round
 from canaryd.core.spec import CANARY
 from canaryd.errors import CanarydError, ForbiddenError, NotFoundError
+from canaryd.hooks.config import catalog as hook_catalog
 from canaryd.kube import GATEWAY_GROUP, HTTPROUTES, Api
 from canaryd.kube.api import allowed, get_route, list_objects, service_slices
 from canaryd.settings import Settings
+
+API_VERSION = "canaryd.io/v1"
+
+# Which object of charts/canaryd/templates/rbac.yaml grants a permission, as `kubectl get` names it
+# (<fullname> is the release's full name, e.g. "<release>-canaryd"). test_check_dryrun.py renders
+# the chart and proves each claim, in both rbac scopes.
+Grant = Literal["rules", "cluster-rules", "lease"]
+CHART_GRANTS: dict[Grant, str] = {
+    "rules": "ClusterRole <fullname> (rbac.scope=cluster) or Role <fullname> in each of rbac.namespaces "
+    "(rbac.scope=namespaced)",
+    "cluster-rules": "ClusterRole <fullname> (rbac.scope=cluster only: a namespaced install watches "
+    "rbac.namespaces; say so with --watch-namespaces)",
+    "lease": "Role <fullname>-leader-election in the release namespace (leaderElection.enabled; get and "
+    "update only on the Lease named leaderElection.leaseName)",
+}
+WATCHED = ((GATEWAY_GROUP, HTTPROUTES), ("discovery.k8s.io", "endpointslices"), ("", "services"))
 
 
 @dataclass(frozen=True)
@@ -31,23 +50,36 @@ class Permission:
     resource: str
     verb: str
     namespace: str  # "" = cluster scope
+    name: str = ""  # one object (what a rule limited by resourceNames needs); "" = any
+    grant: Grant = "rules"
 
     def __str__(self) -> str:
         res = f"{self.resource}.{self.group}" if self.group else self.resource
+        obj = f" {self.name}" if self.name else ""
         where = f"in namespace {self.namespace}" if self.namespace else "cluster-wide"
-        return f"{self.verb} {res} {where}"
+        return f"{self.verb} {res}{obj} {where}"
 
 
-def required_permissions(route_namespace: str, lease_namespace: str) -> list[Permission]:
-    """What the controller needs to roll out a route in ``route_namespace`` (see charts/canaryd RBAC)."""
-    wanted: list[tuple[str, str, tuple[str, ...], str]] = [
-        (GATEWAY_GROUP, HTTPROUTES, ("get", "list", "watch", "patch"), route_namespace),
-        ("discovery.k8s.io", "endpointslices", ("list", "watch"), route_namespace),
-        ("", "services", ("list", "watch"), route_namespace),
-        ("", "events", ("create",), route_namespace),
-        ("coordination.k8s.io", "leases", ("get", "create", "update"), lease_namespace),
+def required_permissions(route_namespace: str, settings: Settings) -> list[Permission]:
+    """Exactly the calls the daemon makes for a route in ``route_namespace``, where it makes them:
+    list/watch in each watched namespace (cluster-wide when it watches all), get/patch of the route
+    and Events in the route's namespace, and the Lease (when leader election is on)."""
+    out = [
+        Permission(group, resource, verb, ns, grant="rules" if ns else "cluster-rules")
+        for ns in settings.namespaces or [""]
+        for group, resource in WATCHED
+        for verb in ("list", "watch")
     ]
-    return [Permission(g, r, v, ns) for g, r, verbs, ns in wanted for v in verbs]
+    out += [Permission(GATEWAY_GROUP, HTTPROUTES, verb, route_namespace) for verb in ("get", "patch")]
+    out.append(Permission("", "events", "create", route_namespace))
+    if settings.leader_election:
+        lease_ns, lease = settings.lease_namespace, settings.lease_name
+        out.append(Permission("coordination.k8s.io", "leases", "create", lease_ns, grant="lease"))
+        out += [
+            Permission("coordination.k8s.io", "leases", verb, lease_ns, lease, grant="lease")
+            for verb in ("get", "update")
+        ]
+    return out
 
 
 @dataclass(frozen=True)
@@ -57,12 +89,21 @@ class Finding:
     message: str
 
 
+@dataclass(frozen=True)
+class SignalResult:
+    """One signal's round: the judge's word on it and how many series Prometheus had."""
+
+    judgement: Judgement
+    series: int | None = None
+
+
 @dataclass
 class Report:
     route: RouteRef
     findings: list[Finding] = field(default_factory=list)
-    judgements: list[Judgement] = field(default_factory=list)
+    signals: list[SignalResult] = field(default_factory=list)
     prometheus_url: str | None = None
+    dry_run: dict[str, str] | None = None  # the annotations applied in memory, when a dry run
 
     def ok(self, check: str, message: str) -> None:
         self.findings.append(Finding(True, check, message))
@@ -74,6 +115,44 @@ class Report:
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if not f.ok]
 
+    @property
+    def judgements(self) -> list[Judgement]:
+        return [s.judgement for s in self.signals]
+
+    def document(self) -> dict[str, Any]:
+        """The ``-o json`` document (docs/check-schema.json): fields are added in v1, never renamed."""
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "CheckReport",
+            "namespace": self.route.namespace,
+            "route": self.route.name,
+            "dryRun": None if self.dry_run is None else {"annotations": dict(self.dry_run)},
+            "ok": not self.problems,
+            "problems": len(self.problems),
+            "findings": [{"check": f.check, "ok": f.ok, "message": f.message} for f in self.findings],
+            "analysis": None
+            if not self.signals
+            else {"prometheus": self.prometheus_url, "signals": [_signal_doc(s) for s in self.signals]},
+        }
+
+
+def _stats_doc(s: BackendStats | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    return {"requests": s.requests, "successRate": s.success_rate, "latencyMs": s.latency_ms}
+
+
+def _signal_doc(s: SignalResult) -> dict[str, Any]:
+    j = s.judgement
+    return {
+        "signal": j.signal,
+        "verdict": j.verdict.value,
+        "reason": j.reason,
+        "series": s.series,
+        "canary": _stats_doc(j.canary),
+        "stable": _stats_doc(j.stable),
+    }
+
 
 async def preflight(
     api: Api,
@@ -83,10 +162,15 @@ async def preflight(
     now: datetime,
     prometheus_url: str | None = None,
     timeout_s: float = 30.0,
+    dry_run: Mapping[str, str] | None = None,
 ) -> Report:
-    """Run every check; raises only when the route is missing or the cluster cannot be reached."""
-    report = Report(ref)
-    await _check_rbac(api, ref.namespace, settings.lease_namespace, report)
+    """Run every check; raises only when the route is missing or the cluster cannot be reached.
+
+    ``dry_run``: full annotation keys and values laid over the route's own, in memory only.
+    """
+    report = Report(ref, dry_run=None if dry_run is None else dict(dry_run))
+    await _check_rbac(api, ref.namespace, settings, report)
+    _check_watched(ref, settings, report)
     try:
         obj = await get_route(api, ref.namespace, ref.name)
     except NotFoundError:
@@ -97,16 +181,19 @@ async def preflight(
     except ForbiddenError as exc:
         report.problem("route", f"cannot read httproute {ref}: {exc}")
         return report
+    await _check_selected(api, ref, settings, report)
+    obj = _with_annotations(obj, dry_run or {})
     annotations: Mapping[str, str] = obj["metadata"].get("annotations") or {}
     if CANARY not in annotations:
         report.problem(
             "annotations",
-            f"httproute {ref} has no {CANARY} annotation; set it to the backendRef to roll out, e.g. "
+            f"httproute {ref} has no {CANARY} annotation; preflight a rollout without writing anything with "
+            f"canaryd check {ref.name} -n {ref.namespace} --canary <backend>, then start it with "
             f"kubectl annotate httproute {ref.name} -n {ref.namespace} {CANARY}=<backend>",
         )
         return report
     view = await _view(api, obj, report)
-    adm = admit(obj, view, settings.defaults, now)
+    adm = admit(obj, view, settings.defaults, now, hook_catalog(settings.hooks))
     _report_admission(adm, report)
     if adm.spec is not None:
         await _check_endpoints(api, ref.namespace, adm.spec.canary, report)
@@ -116,6 +203,41 @@ async def preflight(
         else:
             await _check_analysis(ref, adm, settings, prometheus_url, timeout_s, report)
     return report
+
+
+def _with_annotations(obj: dict[str, Any], values: Mapping[str, str]) -> dict[str, Any]:
+    """A copy of the route with ``values`` laid over its annotations (the dry run: never written)."""
+    if not values:
+        return obj
+    meta = obj["metadata"]
+    return {**obj, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}), **values}}}
+
+
+def _check_watched(ref: RouteRef, settings: Settings, report: Report) -> None:
+    if settings.namespaces and ref.namespace not in settings.namespaces:
+        report.problem(
+            "route",
+            f"canaryd watches only namespace(s) {', '.join(settings.namespaces)} (CANARYD_NAMESPACES, "
+            f"--watch-namespaces): it would never see httproute {ref}",
+        )
+
+
+async def _check_selected(api: Api, ref: RouteRef, settings: Settings, report: Report) -> None:
+    """With CANARYD_LABEL_SELECTOR the daemon sees only the routes it selects: does it select this one?"""
+    selector = settings.label_selector
+    if not selector:
+        return
+    try:  # the apiserver applies the selector, so its grammar is the daemon's
+        items, _ = await list_objects(api, "httproutes", ref.namespace, label_selector=selector, name=ref.name)
+    except CanarydError as exc:
+        report.problem("route", f"cannot tell whether label selector {selector!r} selects httproute {ref}: {exc}")
+        return
+    if not items:
+        report.problem(
+            "route",
+            f"canaryd watches only routes matching label selector {selector!r} (CANARYD_LABEL_SELECTOR): "
+            f"it would never see httproute {ref}; label the route to match",
+        )
 
 
 async def _view(api: Api, obj: Mapping[str, Any], report: Report) -> StaticView:
@@ -153,12 +275,14 @@ def _report_admission(adm: Admission, report: Report) -> None:
             report.ok("service", f"Services {adm.pair.stable} and {adm.pair.canary} exist")
 
 
-async def _check_rbac(api: Api, namespace: str, lease_namespace: str, report: Report) -> None:
-    perms = required_permissions(namespace, lease_namespace)
+async def _check_rbac(api: Api, namespace: str, settings: Settings, report: Report) -> None:
+    perms = required_permissions(namespace, settings)
 
     async def may(p: Permission) -> bool | str:
         try:
-            return await allowed(api, group=p.group, resource=p.resource, verb=p.verb, namespace=p.namespace)
+            return await allowed(
+                api, group=p.group, resource=p.resource, verb=p.verb, namespace=p.namespace, name=p.name or None
+            )
         except ForbiddenError as exc:
             return str(exc)
 
@@ -169,9 +293,17 @@ async def _check_rbac(api: Api, namespace: str, lease_namespace: str, report: Re
         report.problem("rbac", f"cannot check RBAC: {broken[0]}")
         return
     for p in missing:
-        report.problem("rbac", f"missing permission: {p}; grant it to the identity canaryd runs as")
+        report.problem(
+            "rbac",
+            f"missing permission: {p}; canaryd's chart grants it in its {CHART_GRANTS[p.grant]}, "
+            "otherwise grant it to the identity canaryd runs as",
+        )
     if not missing:
-        report.ok("rbac", f"all {len(perms)} permissions canaryd needs are granted")
+        watched = ", ".join(settings.namespaces) if settings.namespaces else "all namespaces"
+        lease = (
+            f"; Lease {settings.lease_namespace}/{settings.lease_name}" if settings.leader_election else "; no Lease"
+        )
+        report.ok("rbac", f"all {len(perms)} permissions canaryd uses are granted (watching {watched}{lease})")
 
 
 async def _check_endpoints(api: Api, namespace: str, canary: str, report: Report) -> None:
@@ -224,7 +356,7 @@ async def _check_analysis(
     try:
         observations = await asyncio.wait_for(analyzer.analyze(target), timeout_s)
     except TimeoutError:
-        why = f"no answer from Prometheus at {prom.url} within {timeout_s:g}s"
+        why = f"Prometheus at {prom.url}: no answer within {timeout_s:g}s"
         observations = [Observation(s, None, None, error=why) for s in spec.analysis.signals]
     except CanarydError as exc:
         observations = [Observation(s, None, None, error=str(exc)) for s in spec.analysis.signals]
@@ -232,14 +364,20 @@ async def _check_analysis(
         await analyzer.aclose()
     # The judge the engine uses, on one window as if the rollout started now.
     n = len(spec.analysis.signals)
-    judgements = [judge_round(o, spec.analysis, signals=n)[0] for o in observations]
-    report.judgements = list(judgements)
-    for j in judgements:
+    for obs in observations:
+        j = judge_round(obs, spec.analysis, signals=n)[0]
+        report.signals.append(SignalResult(j, obs.series))
         if j.verdict == Verdict.ERROR:
+            hint = "; check --prometheus-url / CANARYD_PROMETHEUS__URL" if j.reason.startswith("Prometheus at") else ""
+            report.problem("analysis", f"signal {j.signal}: {j.reason}{hint}")
+        elif obs.series == 0:
             report.problem(
                 "analysis",
-                f"signal {j.signal}: {j.reason}; check --prometheus-url / CANARYD_PROMETHEUS__URL and that "
-                "Prometheus is up",
+                f"signal {j.signal}: Prometheus at {prom.url} has no series for stable {target.stable} or canary "
+                f"{target.canary} in the last {target.spec.window_s:g}s; {analyzer.no_series_hint(j.signal, target)}",
             )
         else:
-            report.ok("analysis", f"signal {j.signal} measured; the judge would say {j.verdict.value} now: {j.reason}")
+            found = "" if obs.series is None else f" ({obs.series} series)"
+            report.ok(
+                "analysis", f"signal {j.signal} measured{found}; the judge would say {j.verdict.value} now: {j.reason}"
+            )

@@ -263,12 +263,65 @@ def row(rs: RouteStatus, now: datetime, color: bool = False) -> tuple[str, ...]:
     )
 
 
-def render_list(routes: Sequence[Mapping[str, Any]], now: datetime, *, color: bool = False) -> str:
+# -o wide: the plan, the timing and the signals as annotated ("default" = the daemon's default), and
+# how long ago the controller last changed the state; MESSAGE stays last.
+WIDE_HEADER = (*LIST_HEADER[:-1], "STEPS", "INTERVAL", "ANALYSIS", "UPDATED", LIST_HEADER[-1])
+
+
+def wide_row(rs: RouteStatus, now: datetime, color: bool = False) -> tuple[str, ...]:
+    st = rs.state
+    steps = ",".join(map(str, st.steps)) if st is not None and st.steps else rs.annotations.get(ann.STEPS, "default")
+    updated = parse_ts(st.updated_at) if st else None
+    base = row(rs, now, color)
+    return (
+        *base[:-1],
+        steps,
+        rs.annotations.get(ann.INTERVAL, "default"),
+        rs.annotations.get(ann.ANALYSIS, "default"),
+        "-" if updated is None else duration((now - updated).total_seconds()),
+        base[-1],
+    )
+
+
+def render_list(routes: Sequence[Mapping[str, Any]], now: datetime, *, color: bool = False, wide: bool = False) -> str:
     """The table of every managed route in ``routes`` (others are left out), sorted by namespace/name."""
     managed = sorted((RouteStatus.from_route(o) for o in routes if is_managed(o)), key=lambda r: (r.namespace, r.name))
     if not managed:
         return "no routes with canaryd annotations found\n"
+    if wide:
+        return table(WIDE_HEADER, [wide_row(r, now, color) for r in managed])
     return table(LIST_HEADER, [row(r, now, color) for r in managed])
+
+
+# --- --wait: one line per change ----------------------------------------------------------------
+def progress_key(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """What a ``--wait`` line reports, without the clock: a new line is printed when this changes."""
+    rs = RouteStatus.from_route(obj)
+    st = rs.state
+    return (rs.phase, step_text(st), weights_text(rs.weights), verdict_text(st), message_of(rs))
+
+
+def progress_line(obj: Mapping[str, Any], now: datetime) -> str:
+    """'2025-03-01T12:00:00Z  shop/whoami  Progressing  step 2/4  v1 75 → v2 25  next 1m30s  verdict: …  message: …'."""
+    rs = RouteStatus.from_route(obj)
+    phase, step, weights, verdict, message = progress_key(obj)
+    return (
+        f"{_clock(now)}  {rs.namespace}/{rs.name}  {phase}  step {step}  {weights}  next {next_text(rs.state, now)}  "
+        f"verdict: {verdict}  message: {message}\n"
+    )
+
+
+def _clock(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def outcome_line(obj: Mapping[str, Any], now: datetime) -> str:
+    """The last line of ``--wait``: 'httproute shop/whoami Promoted after 10m (v1 0 → v2 100): message'."""
+    rs = RouteStatus.from_route(obj)
+    return (
+        f"httproute {rs.namespace}/{rs.name} {rs.phase} after {age_text(rs.state, now)} "
+        f"({weights_text(rs.weights)}): {message_of(rs)}\n"
+    )
 
 
 # --- detail view --------------------------------------------------------------------------------
@@ -398,6 +451,21 @@ def render_detail(
         ]
         out.append(table(("LAST SEEN", "TYPE", "REASON", "MESSAGE"), ev_rows, indent="  ").rstrip("\n"))
     return "\n".join(out) + "\n"
+
+
+def render_watch(
+    obj: Mapping[str, Any],
+    events: Sequence[Mapping[str, Any]],
+    now: datetime,
+    *,
+    color: bool = False,
+    every_s: float = 1.0,
+) -> str:
+    """The live view of ``status ROUTE --watch`` on a terminal: a clock line, then the detail view."""
+    meta = obj["metadata"]
+    route = f"{meta.get('namespace', '')}/{meta['name']}"
+    head = f"{_clock(now)}  httproute {route}, redrawn every {every_s:g}s (Ctrl-C to stop)"
+    return f"{head}\n\n{render_detail(obj, events, now, color=color)}"
 
 
 def sort_events(events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

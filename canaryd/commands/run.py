@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 from typing import Any
 
 import structlog
 
+from canaryd.errors import CanarydError
 from canaryd.settings import Settings
 
 
@@ -44,17 +46,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def run_daemon(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT (0) or until a root task ends (1). Start-up failures that a person
+    must fix (a bad kubeconfig, a busy --http-port) raise ``CanarydError``: one ``error:`` line."""
     from canaryd import logs
-    from canaryd.engine import Engine
     from canaryd.kube import new_client
+
+    logs.configure(settings.log_format, settings.log_level)
+    api = await new_client(settings.kubeconfig, settings.context)
+    stack = contextlib.AsyncExitStack()  # what was opened, closed in reverse order however we leave
+    stack.push_async_callback(api.close)
+    try:
+        return await _serve_and_run(api, settings, stack)
+    finally:
+        await stack.aclose()
+
+
+async def _serve_and_run(api: Any, settings: Settings, stack: contextlib.AsyncExitStack) -> int:
+    from canaryd.engine import Engine
     from canaryd.kube.leader import LeaderElector
     from canaryd.observability import Metrics, serve
 
-    logs.configure(settings.log_format, settings.log_level)
     log = structlog.get_logger("canaryd")
-    api = await new_client(settings.kubeconfig, settings.context)
     metrics = Metrics.create()
     analyzer = _analyzer(settings)
+    stack.push_async_callback(_close_quietly, analyzer)
     elector = (
         LeaderElector(
             api,
@@ -80,12 +95,21 @@ async def run_daemon(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    runner = await serve(
-        metrics,
-        settings.http_host,
-        settings.http_port,
-        ready=lambda: engine.synced or (elector is not None and not elector.is_leader),
-    )
+    where = f"{settings.http_host}:{settings.http_port}"
+    try:
+        runner = await serve(
+            metrics,
+            settings.http_host,
+            settings.http_port,
+            ready=lambda: engine.synced or (elector is not None and not elector.is_leader),
+        )
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)  # not asyncio's "error while attempting..."
+        raise CanarydError(
+            f"cannot serve /metrics, /healthz and /readyz on {where}: {why}; "
+            "pick a free port with --http-port or CANARYD_HTTP_PORT"
+        ) from exc
+    stack.push_async_callback(runner.cleanup)
     log.info(
         "started",
         identity=settings.identity,
@@ -118,13 +142,13 @@ async def run_daemon(settings: Settings) -> int:
         metrics.leader.set(0)
         if elector is not None:
             await elector.release()
-        if analyzer is not None:
-            with contextlib.suppress(Exception):
-                await analyzer.aclose()
-        await runner.cleanup()
-        await api.close()
         log.info("stopped", rc=rc)
     return rc
+
+
+async def _close_quietly(analyzer: Any) -> None:
+    with contextlib.suppress(Exception):
+        await analyzer.aclose()
 
 
 async def _supervise(roots: list[asyncio.Task[Any]], stop: asyncio.Event) -> int:

@@ -265,4 +265,5 @@ def _facts(r: _Reading, view: ClusterView, now: datetime) -> Facts:
         stable_hint=r.pair.stable if r.pair else "",
         catalog=r.catalog,
         hooks=r.hooks,
+        observed=None if r.pair is None else tuple((x.stable_weight, x.canary_weight) for x in r.pair.rules),
     )

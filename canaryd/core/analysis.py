@@ -43,6 +43,9 @@ class Observation:
     canary: BackendStats | None
     stable: BackendStats | None  # None when the signal cannot tell versions apart
     error: str | None = None  # set when the query failed; the judge returns ERROR
+    series: int | None = None
+    """Series the answer held for these backends (None = not counted). 0 means Prometheus has no
+    data for them at all — wrong metric names, or the source is not scraped — not "no traffic"."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The managed pair of backendRefs: reading it from a route and the JSON-patch ops that write it (pure).
 
 Owns: which rules hold the stable and the canary, at which indices, with what weights; GAMMA parents;
-the ops for the two weights and canaryd's own annotations. Must not: do I/O — ``canaryd.kube.routes``
+the ops for the two weights and canaryd's own annotations and label. Must not: do I/O — ``canaryd.kube.routes``
 sends the ops, ``canaryd.core.admit`` decides whether a route may be rolled out at all.
 """
 
@@ -158,6 +158,18 @@ def weight_ops(pair: Pair, canary_pct: int) -> list[dict[str, Any]]:
         ops.append({"op": "test", "path": f"{base}/{r.canary}/name", "value": pair.canary})
         ops.append({"op": "add", "path": f"{base}/{r.stable}/weight", "value": w.stable})
         ops.append({"op": "add", "path": f"{base}/{r.canary}/weight", "value": w.canary})
+    return ops
+
+
+def label_ops(obj: Mapping[str, Any], set_: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Set labels that do not hold the value yet (canaryd's own, ``canaryd.io/phase``); others are left alone."""
+    current = obj["metadata"].get("labels") or {}
+    changed = {k: v for k, v in set_.items() if current.get(k) != v}
+    ops: list[dict[str, Any]] = []
+    if changed and not current:
+        ops.append({"op": "add", "path": "/metadata/labels", "value": {}})
+    for key, value in changed.items():
+        ops.append({"op": "add", "path": f"/metadata/labels/{_escape(key)}", "value": value})
     return ops
 
 

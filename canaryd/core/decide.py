@@ -7,7 +7,8 @@ the judgements.
 
 The steps, each small, in order: an invalid input fails (holding the weights); the rollout is
 established (fresh, resumed after a fixed input, or re-planned for new steps); a manual intent is
-applied; then the phase's handler runs. Every path leaves through ``_Run.done``.
+applied; weights someone else overwrote are handled by the drift policy; then the phase's handler
+runs. Every path leaves through ``_Run.done``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from canaryd.core.analysis import Judgement, Observation, Verdict
 from canaryd.core.hooks import HookCatalog, due
 from canaryd.core.hooks import key as hook_key
 from canaryd.core.judge import combine, judge_round
-from canaryd.core.spec import Intent, RolloutSpec
+from canaryd.core.plan import pair_scale, weights_at
+from canaryd.core.spec import DriftPolicy, Intent, RolloutSpec
 from canaryd.core.state import AnalysisRecord, Failure, IntentRecord, Phase, RolloutState, parse_ts, ts
 
 
@@ -50,6 +52,7 @@ class Facts:
     catalog: HookCatalog = field(default_factory=HookCatalog)
     hooks: tuple[str, ...] = ()  # the hooks the route opted into
     hook_results: Mapping[str, tuple[bool, str]] | None = None  # key(kind, step, name) -> (2xx?, reason)
+    observed: tuple[tuple[int, int], ...] | None = None  # (stable, canary) weights of each managed rule, as read
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Decision:
 
 def weights_text(stable: str, canary: str, pct: int) -> str:
     return f"{stable} {100 - pct} → {canary} {pct}"
+
+
+NOT_ANALYSED = "not analysed"
 
 
 def _step_label(state: RolloutState) -> str:
@@ -133,6 +139,9 @@ def decide(f: Facts) -> Decision:
         st, final = _apply_intent(run, f.intent, st, f.spec)
         if final is not None:
             return final
+    drift = drift_of(st, f.observed)
+    if drift is not None and not st.drift_held:
+        return DRIFT[f.spec.on_drift](run, st, f.spec, drift)
     return PHASES[st.phase](run, st, f.spec)
 
 
@@ -187,12 +196,7 @@ def _establish(run: _Run, spec: RolloutSpec, stable: str) -> RolloutState:
         run.changed = True
         fresh = _fresh(spec, stable, run.now, run.f.current_canary_pct)
         if st is None or st.canary != spec.canary or st.phase != Phase.FAILED:
-            run.event(
-                "Normal",
-                "RolloutStarted",
-                f"rolling out {spec.canary} over {stable} in steps "
-                f"{','.join(map(str, spec.steps))} every {spec.interval_s:g}s",
-            )
+            _started(run, spec, stable)
         return fresh.with_(intents=st.intents if st is not None and st.canary == spec.canary else ())
     if st.phase == Phase.FAILED and st.failure == Failure.INPUT and st.paused_phase:
         run.changed = True
@@ -206,6 +210,21 @@ def _establish(run: _Run, spec: RolloutSpec, stable: str) -> RolloutState:
         run.changed = True
         st = st.with_(steps=spec.steps, step=_step_at_or_below(spec.steps, st.canary_weight))
     return st
+
+
+def _started(run: _Run, spec: RolloutSpec, stable: str) -> None:
+    plan = f"in steps {','.join(map(str, spec.steps))} every {spec.interval_s:g}s"
+    if spec.analysis.enabled:
+        run.event("Normal", "RolloutStarted", f"rolling out {spec.canary} over {stable} {plan}")
+        return
+    run.event("Normal", "RolloutStarted", f"rolling out {spec.canary} over {stable} {plan}, {NOT_ANALYSED}")
+    run.event(
+        "Normal",
+        "NotAnalysed",
+        f"{spec.canary} is {NOT_ANALYSED} (canaryd.io/analysis is none): each step advances after "
+        f"{spec.interval_s:g}s whatever the canary does, up to 100%, and nothing rolls back by itself; "
+        "set canaryd.io/analysis to envoy, dapr or custom:<name> to judge it (docs/analysis.md)",
+    )
 
 
 def _fresh_from_failed(st: RolloutState) -> bool:
@@ -318,6 +337,7 @@ def _intent_pause(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[Rollo
 
 def _intent_resume(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[RolloutState, Decision | None]:
     phase = Phase(st.paused_phase or Phase.PROGRESSING.value)
+    drift = drift_of(st, run.f.observed)
     # A fresh window at the current step: what happened while paused is not judged.
     nxt = run.now + timedelta(seconds=spec.interval_s) if st.step >= 0 else run.now
     new = _record(run, st, "applied").with_(
@@ -328,7 +348,13 @@ def _intent_resume(run: _Run, st: RolloutState, spec: RolloutSpec) -> tuple[Roll
         next_at=ts(nxt),
         inconclusive=0,
         errors=0,
+        drift_held=False,
     )
+    if drift is not None:  # the weights someone else wrote while paused are put back, and not judged
+        again = f"weights re-asserted: {_expected_text(st, drift)}"
+        new = _restart_counting(run, new, spec).with_(message=f"resumed by user; {again}")
+        run.event("Normal", "Resumed", f"resumed at {_step_label(st)} by user; {again}")
+        return st, run.done(new, pct=st.canary_weight, wake=_wake_of(new, spec), enter=phase)
     if spec.analysis.enabled and st.step >= 0:
         new = new.with_(next_round_at=ts(_round_after(run.now, new, spec)))
         nxt = parse_ts(new.next_round_at) or nxt
@@ -595,7 +621,7 @@ def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
     if gated is not None:
         return gated
     if pct >= 100:
-        return _promote(run, st, "all steps passed")
+        return _promote(run, st, "all steps passed" if spec.analysis.enabled else f"all steps held, {NOT_ANALYSED}")
     wake = run.now + timedelta(seconds=spec.interval_s)
     new = st.with_(
         phase=Phase.PROGRESSING,
@@ -605,7 +631,8 @@ def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
         next_at=ts(wake),
         updated_at=ts(run.now),
         waiting_since=None,
-        message=f"{_step_label(st.with_(step=nxt))}: {weights_text(st.stable, st.canary, pct)}",
+        message=f"{_step_label(st.with_(step=nxt))}: {weights_text(st.stable, st.canary, pct)}"
+        + ("" if spec.analysis.enabled else f" ({NOT_ANALYSED})"),
     )
     if spec.analysis.enabled:  # evidence is counted from the first weight on, across steps
         since = st.counted_since or ts(run.now)
@@ -614,6 +641,115 @@ def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
     run.event("Normal", "StepAdvanced", new.message)
     enter = Phase.PROGRESSING if st.phase != Phase.PROGRESSING else None
     return run.done(new, pct=pct, wake=wake, enter=enter, fire=run.triggers("step", new))
+
+
+# --- weights someone else overwrote (docs/gitops.md) --------------------------------------------------
+@dataclass(frozen=True)
+class Drift:
+    """The first managed rule whose weights are not what canaryd last wrote."""
+
+    observed: tuple[int, int]  # (stable, canary) as the route holds them
+    expected: tuple[int, int]  # what canaryd wrote, in the same scale
+
+
+_HOLDS_WEIGHTS = (Phase.PROGRESSING, Phase.WAITING, Phase.PAUSED)
+
+
+def drift_of(st: RolloutState, observed: Sequence[tuple[int, int]] | None) -> Drift | None:
+    """Whether the route's managed weights differ from the state's (None: they agree, or nothing to compare).
+
+    Only while the rollout holds weights canaryd wrote: a phase that holds them, and the current step's
+    weights written (``step_started_at``; a fresh rollout records the route's weights without writing)."""
+    if observed is None or st.phase not in _HOLDS_WEIGHTS or st.step < 0 or st.step_started_at is None:
+        return None
+    for sw, cw in observed:
+        w = weights_at(st.canary_weight, pair_scale(sw, cw))
+        if (w.stable, w.canary) != (sw, cw):
+            return Drift(observed=(sw, cw), expected=(w.stable, w.canary))
+    return None
+
+
+def _observed_text(st: RolloutState, d: Drift) -> str:
+    return f"{st.stable} {d.observed[0]}, {st.canary} {d.observed[1]}"
+
+
+def _expected_text(st: RolloutState, d: Drift) -> str:
+    return f"{st.stable} {d.expected[0]}, {st.canary} {d.expected[1]}"
+
+
+def _restart_counting(run: _Run, st: RolloutState, spec: RolloutSpec) -> RolloutState:
+    """The weights are (re)written now: the stretch that saw other weights counts neither as the step's
+    time nor as evidence, so the step's interval and the analysis counts start again from now."""
+    now = run.now
+    new = st.with_(
+        step_started_at=ts(now),
+        next_at=None if st.phase == Phase.PAUSED else ts(now + timedelta(seconds=spec.interval_s)),
+        inconclusive=0,
+        errors=0,
+        failures=0,
+        updated_at=ts(now),
+    )
+    if not spec.analysis.enabled:
+        return new
+    new = new.with_(counted_since=ts(now), tallies={}, next_round_at=None)
+    return new.with_(next_round_at=ts(_round_after(now, new, spec)))
+
+
+def _wake_of(st: RolloutState, spec: RolloutSpec) -> datetime | None:
+    if _analysing(st, spec):
+        return parse_ts(st.next_round_at)
+    return None if st.phase == Phase.PAUSED else parse_ts(st.next_at)
+
+
+def _reassert(run: _Run, st: RolloutState, spec: RolloutSpec, d: Drift) -> Decision:
+    """Policy ``reassert``: write the expected weights back once; a second overwrite in the rollout holds."""
+    if st.drifts >= 1:
+        return _hold_drift(run, st, spec, d)
+    run.changed = True
+    label = _step_label(st)
+    new = _restart_counting(run, st.with_(drifts=st.drifts + 1), spec).with_(
+        message=f"{label}: weights overwritten ({_observed_text(st, d)}); re-asserted {_expected_text(st, d)}"
+        + (" (still paused)" if st.phase == Phase.PAUSED else "")
+    )
+    run.event(
+        "Warning",
+        "WeightsOverwritten",
+        f"{label}: the route's weights were changed by someone else: {_observed_text(st, d)}, canaryd wrote "
+        f"{_expected_text(st, d)} (a GitOps sync or kubectl apply?); re-asserting them once and restarting "
+        "the step's interval and analysis counts; another overwrite pauses the rollout (docs/gitops.md)",
+    )
+    return run.done(new, pct=st.canary_weight, wake=_wake_of(new, spec))
+
+
+def _hold_drift(run: _Run, st: RolloutState, spec: RolloutSpec, d: Drift) -> Decision:
+    """Policy ``hold`` (or a second overwrite): pause, leaving the weights as they are, until ``resume``."""
+    run.changed = True
+    again = " again" if st.drifts else ""
+    todo = "let canaryd own the two weights in your GitOps tool (docs/gitops.md), then run 'canaryd resume'"
+    new = st.with_(
+        phase=Phase.PAUSED,
+        paused_phase=st.paused_phase if st.phase == Phase.PAUSED else st.phase.value,
+        next_at=None,
+        drifts=st.drifts + 1,
+        drift_held=True,
+        updated_at=ts(run.now),
+        message=f"paused: weights overwritten{again} ({_observed_text(st, d)}, canaryd wrote "
+        f"{_expected_text(st, d)}); {todo}",
+    )
+    run.event(
+        "Warning",
+        "WeightsOverwritten",
+        f"{_step_label(st)}: the route's weights were changed by someone else{again}: {_observed_text(st, d)}, "
+        f"canaryd wrote {_expected_text(st, d)}; pausing, the weights left as they are: {todo}",
+    )
+    enter = None if st.phase == Phase.PAUSED else Phase.PAUSED
+    return run.done(new, wake=_wake_of(new, spec), enter=enter)
+
+
+DRIFT: dict[DriftPolicy, Callable[[_Run, RolloutState, RolloutSpec, Drift], Decision]] = {
+    "reassert": _reassert,
+    "hold": _hold_drift,
+}
 
 
 PHASES: dict[Phase, Callable[[_Run, RolloutState, RolloutSpec], Decision]] = {

@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from canaryd.core.errors import SpecError
+
+DriftPolicy = Literal["reassert", "hold"]
+DRIFT_POLICIES: tuple[DriftPolicy, ...] = ("reassert", "hold")
 
 PREFIX = "canaryd.io/"
 CANARY = PREFIX + "canary"
@@ -44,9 +47,11 @@ PORT = PREFIX + "port"
 COUNT_4XX = PREFIX + "count-4xx"
 HOOKS = PREFIX + "hooks"  # names of hooks the cluster admin configured (canaryd.core.hooks)
 NOTIFY = PREFIX + "notify"
+ON_DRIFT = PREFIX + "on-drift"
 # Controller-owned / CLI-written:
 STATE = PREFIX + "state"
 INTENT = PREFIX + "intent"
+PHASE_LABEL = PREFIX + "phase"  # a label, not an annotation: `kubectl get httproute -L canaryd.io/phase`
 
 USER_ANNOTATIONS = (
     CANARY,
@@ -76,6 +81,7 @@ USER_ANNOTATIONS = (
     COUNT_4XX,
     HOOKS,
     NOTIFY,
+    ON_DRIFT,
 )
 
 
@@ -83,7 +89,18 @@ class RolloutDefaults(BaseModel):
     """Defaults for every rollout; each has a ``canaryd.io/*`` annotation that overrides it."""
 
     steps: list[int] = Field(default=[5, 10, 25, 50, 100])
-    """Canary weight in percent at each step; the last must be 100."""
+    """Canary weight in percent at each step: strictly increasing within 1..100, 100 added when the last is lower."""
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_as_annotated(cls, v: list[int]) -> list[int]:
+        """The rule of the ``canaryd.io/steps`` annotation (``parse_steps``), checked when the daemon starts."""
+        try:
+            parse_steps(",".join(map(str, v)))
+        except SpecError as exc:
+            raise ValueError(f"{exc.message} (the rule of {STEPS})") from None
+        return v
+
     interval_s: float = 60.0
     """Seconds to hold each step (and the analysis window when none is set)."""
     failure_threshold: int = 1
@@ -112,6 +129,9 @@ class RolloutDefaults(BaseModel):
     """Consecutive analysis errors (Prometheus down, bad answer) before rolling back."""
     count_4xx: bool = False
     """Count 4xx responses as errors too (by default only 5xx, and for Dapr non-OK gRPC codes, are errors)."""
+    on_drift: DriftPolicy = "reassert"
+    """When someone else (a GitOps sync) overwrites the two managed weights mid-rollout: ``reassert``
+    writes them back once and pauses on a second overwrite; ``hold`` pauses at once (docs/gitops.md)."""
 
 
 Intent = Literal["promote", "abort", "pause", "resume", "retry"]
@@ -162,6 +182,7 @@ class RolloutSpec:
     ready_deadline_s: float
     port: int | None
     analysis: AnalysisSpec
+    on_drift: DriftPolicy = "reassert"
 
     def fingerprint(self) -> str:
         """Identity of the rollout: a change of canary (or stable) starts a new rollout."""
@@ -352,6 +373,7 @@ def parse_spec(annotations: Mapping[str, str], defaults: RolloutDefaults) -> Rol
         ready_deadline_s=deadline,
         port=port,
         analysis=analysis,
+        on_drift=_on_drift(a.get(ON_DRIFT, defaults.on_drift)),
     )
 
 
@@ -371,6 +393,14 @@ def _on_inconclusive(raw: str) -> Literal["pause", "rollback"]:
     if v == "rollback":
         return "rollback"
     raise SpecError(ON_INCONCLUSIVE, f"{quote(raw)} is not 'pause' or 'rollback'")
+
+
+def _on_drift(raw: str) -> DriftPolicy:
+    v = raw.strip()
+    for policy in DRIFT_POLICIES:
+        if v == policy:
+            return policy
+    raise SpecError(ON_DRIFT, f"{quote(raw)} is not 'reassert' or 'hold'")
 
 
 def parse_intent(raw: str | None) -> Intent | None:

@@ -117,6 +117,10 @@ class RolloutState:
     history: tuple[AnalysisRecord, ...] = ()
     intents: tuple[IntentRecord, ...] = ()
     observed_generation: int | None = None
+    # Someone else overwrote the two managed weights mid-rollout (a GitOps sync): how often in this rollout,
+    # and whether the rollout is Paused for it (then canaryd leaves the weights alone until `resume`).
+    drifts: int = 0
+    drift_held: bool = False
     version: int = STATE_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -143,6 +147,9 @@ class RolloutState:
             del d["extra"]
         if not d["tallies"]:
             del d["tallies"]
+        for name in ("drifts", "drift_held"):  # absent until a drift: older states and readers stay as they were
+            if not d[name]:
+                del d[name]
         return json.dumps(_compact(d), separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -181,6 +188,8 @@ class RolloutState:
                 history=tuple(AnalysisRecord(**h) for h in d.get("history", [])),
                 intents=tuple(IntentRecord(**i) for i in d.get("intents", [])),
                 observed_generation=d.get("observed_generation"),
+                drifts=int(d.get("drifts", 0)),
+                drift_held=_bool(d.get("drift_held", False)),
                 version=STATE_VERSION,
                 extra=dict(d.get("extra", {})),
             )
@@ -218,7 +227,7 @@ class RolloutState:
             "next_round_at",
         ):
             parse_ts(getattr(self, name))
-        for n in (self.failures, self.inconclusive, self.errors):
+        for n in (self.failures, self.inconclusive, self.errors, self.drifts):
             if n < 0:
                 raise ValueError("negative counter")
 
@@ -227,6 +236,12 @@ def _tallies(raw: Any) -> dict[str, list[float | None]]:
     if not isinstance(raw, dict):
         raise ValueError("tallies is not an object")
     return {str(k): SignalTally.from_list(v).to_list() for k, v in raw.items()}  # the judge's rule, once
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{str(v)[:40]!r} is not true or false")
+    return v
 
 
 def _opt_phase(v: Any) -> str | None:

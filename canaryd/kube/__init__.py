@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import yaml
 from kubernetes_asyncio import client, config
 
 from canaryd import __version__
@@ -35,9 +36,11 @@ async def new_client(kubeconfig: str | None = None, context: str | None = None) 
         try:
             await config.load_kube_config(config_file=path or default, context=context, client_configuration=cfg)
         except Exception as exc:  # garbage files raise TypeError/KeyError from the loader, not ConfigException
+            # One line: YAML errors span several; a wrong shape says nothing useful by itself.
+            why = " ".join(str(exc).split()) if isinstance(exc, config.ConfigException | yaml.YAMLError) else ""
             raise KubeError(
-                f"cannot load kubeconfig {path or default}: {exc or type(exc).__name__}; "
-                "pass --kubeconfig or set KUBECONFIG to a valid kubeconfig"
+                f"cannot load kubeconfig {path or default}: {why or 'not a kubeconfig'} "
+                f"({type(exc).__name__}); pass --kubeconfig or set KUBECONFIG to a valid kubeconfig"
             ) from exc
     elif os.environ.get("KUBERNETES_SERVICE_HOST"):
         try:

@@ -119,13 +119,16 @@ async def route_events(api: Api, namespace: str, name: str) -> list[dict[str, An
     return [api.sanitize_for_serialization(e) for e in evs.items]
 
 
-async def allowed(api: Api, *, group: str, resource: str, verb: str, namespace: str | None) -> bool:
-    """SelfSubjectAccessReview: may the client's identity do ``verb`` on ``resource``?"""
+async def allowed(
+    api: Api, *, group: str, resource: str, verb: str, namespace: str | None, name: str | None = None
+) -> bool:
+    """SelfSubjectAccessReview: may the client's identity do ``verb`` on ``resource`` (the object ``name``,
+    which a rule limited by ``resourceNames`` needs; None = any object)?"""
     authz = client.AuthorizationV1Api(api)
     body = client.V1SelfSubjectAccessReview(
         spec=client.V1SelfSubjectAccessReviewSpec(
             resource_attributes=client.V1ResourceAttributes(
-                group=group, resource=resource, verb=verb, namespace=namespace or None
+                group=group, resource=resource, verb=verb, namespace=namespace or None, name=name or None
             )
         )
     )

@@ -37,10 +37,12 @@ class EventRecorder:
         *,
         queue_size: int = 10_000,
         senders: int = 4,
+        field_manager: str = "canaryd",
     ) -> None:
         self._core = client.CoreV1Api(api)
         self.component = component
         self.instance = instance
+        self.field_manager = field_manager  # named on every write, not left to the apiserver's guess
         self._queues: list[asyncio.Queue[tuple[Mapping[str, Any], Event]]] = [
             asyncio.Queue(maxsize=max(1, queue_size // senders)) for _ in range(max(1, senders))
         ]
@@ -109,7 +111,9 @@ class EventRecorder:
         )
         try:
             # The reply is not read: skip turning it into model objects (costly at scale).
-            resp: Any = await self._core.create_namespaced_event(meta["namespace"], body, _preload_content=False)
+            resp: Any = await self._core.create_namespaced_event(
+                meta["namespace"], body, field_manager=self.field_manager, _preload_content=False
+            )
             try:
                 if not 200 <= resp.status <= 299:
                     err = ApiException(status=resp.status, reason=resp.reason)

@@ -5,9 +5,10 @@ One ``Informer`` per resource kind keeps ``{(namespace, name): object}`` current
 --watch/--wait`` and the demo's data plane alike, with one error policy:
 
 - ``retry`` (controllers): every list or watch failure — an apiserver restart, a dropped connection,
-  a truncated chunk, a TLS reset, 5xx, 403 while RBAC is being fixed — is retried with capped
-  exponential backoff and a relist. The first failure of an episode is logged as ``watch_failed``
-  with its cause, the recovery as ``watch_recovered``; nothing in between, so an outage is two lines.
+  a truncated chunk, a TLS reset, 5xx, 403 while RBAC is being fixed, 404 while the resource's CRD
+  is missing — is retried with capped exponential backoff and a relist. The first failure of an
+  episode is logged as ``watch_failed`` with its cause (again only if the cause changes, e.g. a
+  dropped stream, then 404), the recovery as ``watch_recovered``: an outage is two or three lines.
 - ``raise`` (CLI): the first failure is raised as a ``KubeError`` (one ``error:`` line for a person).
 
 A 410 Gone (the resourceVersion was compacted) is not a failure under either policy: it relists.
@@ -19,13 +20,13 @@ import asyncio
 import json
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import structlog
 from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from canaryd.errors import GoneError, KubeError
+from canaryd.errors import GoneError, KubeError, NotFoundError
 from canaryd.kube.errors import translate
 
 log = structlog.get_logger("canaryd.kube.informer")
@@ -48,20 +49,32 @@ def raw(fn: ListFn) -> ListFn:
 
     async def call(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("watch"):
-            return await fn(*args, **kwargs)
+            resp = await fn(*args, **kwargs)
+            if not 200 <= resp.status <= 299:  # e.g. 404 once the CRD is gone: not a stream of events
+                _refused(resp, await _body(resp))
+            return resp
         resp = await fn(*args, _preload_content=False, **kwargs)
-        try:
-            body = await resp.read()
-        finally:
-            resp.release()
+        body = await _body(resp)
         # Without preloading the client skips its status check: a 403 body must not read as "no items".
         if not 200 <= resp.status <= 299:
-            exc = ApiException(status=resp.status, reason=resp.reason)
-            exc.body = body
-            raise exc
+            _refused(resp, body)
         return json.loads(body)
 
     return call
+
+
+async def _body(resp: Any) -> bytes:
+    try:
+        body: bytes = await resp.read()
+        return body
+    finally:
+        resp.release()
+
+
+def _refused(resp: Any, body: bytes) -> NoReturn:
+    exc = ApiException(status=resp.status, reason=resp.reason)
+    exc.body = body
+    raise exc
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
@@ -97,7 +110,7 @@ class Informer:
         self.synced = asyncio.Event()
         self.relists = 0
         self.failures = 0  # failed list/watch attempts (each retried)
-        self._failing = False
+        self._failing: set[tuple[type[KubeError], int | None]] = set()  # causes logged this episode
 
     def _kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -139,6 +152,8 @@ class Informer:
                 timeout_seconds=self._timeout,
                 **self._kwargs(),
             ):
+                if not isinstance(ev, dict):  # the client hands back a line it cannot parse as it is
+                    raise KubeError(f"watch {self.name}: the stream ended with {str(ev).strip()[:100]!r}, not an event")
                 kind = ev["type"]
                 obj = ev.get("raw_object") or _to_dict(ev["object"])
                 if kind == "ERROR":
@@ -175,8 +190,7 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure of the cluster's weather: retry or raise, never die silently
-                translated = translate(exc, f"watch {self.name}")
-                err = translated if isinstance(translated, KubeError) else KubeError(str(translated))
+                err = self._error(exc)
                 rv = None  # relist: events may have been missed
                 if isinstance(err, GoneError):
                     log.info("watch_expired_relisting", informer=self.name)
@@ -187,13 +201,26 @@ class Informer:
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
 
+    def _error(self, exc: BaseException) -> KubeError:
+        translated = translate(exc, f"watch {self.name}")
+        if isinstance(translated, NotFoundError):
+            resource = self.name.split("/")[0]
+            return KubeError(
+                f"watch {self.name}: the apiserver does not serve {resource} (404 Not Found); is its "
+                "CustomResourceDefinition installed? canaryd retries until it is",
+                status=404,
+                body=translated.body,
+            )
+        return translated if isinstance(translated, KubeError) else KubeError(str(translated))
+
     def _failed(self, err: KubeError) -> None:
         self.failures += 1
-        if not self._failing:
-            self._failing = True
-            log.warning("watch_failed", informer=self.name, error=str(err), status=err.status)
+        cause = (type(err), err.status)
+        if cause not in self._failing:  # once per episode, and once more for each new kind of cause
+            self._failing.add(cause)
+            log.warning("watch_failed", informer=self.name, error=str(err), status=err.status, failures=self.failures)
 
     def _recovered(self) -> None:
         if self._failing:
-            self._failing = False
+            self._failing = set()
             log.info("watch_recovered", informer=self.name, failures=self.failures)

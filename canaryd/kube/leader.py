@@ -38,8 +38,10 @@ class LeaderElector:
         renew_s: float = 5.0,
         clock: Callable[[], datetime] = _now,
         on_change: Callable[[bool], None] | None = None,
+        field_manager: str = "canaryd",
     ) -> None:
         self._api = client.CoordinationV1Api(api)
+        self.field_manager = field_manager
         self.name, self.namespace, self.identity = name, namespace, identity
         self.duration_s, self.renew_s = duration_s, renew_s
         self._renewed_at: float | None = None  # monotonic time of the last successful renewal
@@ -75,7 +77,7 @@ class LeaderElector:
                 ),
             )
             try:
-                await self._api.create_namespaced_lease(self.namespace, body)
+                await self._api.create_namespaced_lease(self.namespace, body, field_manager=self.field_manager)
                 return True
             except ApiException as exc2:
                 if exc2.status == 409:
@@ -98,7 +100,7 @@ class LeaderElector:
         spec.lease_duration_seconds = int(self.duration_s)
         lease.spec = spec
         try:  # replace carries resourceVersion: a concurrent taker makes this a 409
-            await self._api.replace_namespaced_lease(self.name, self.namespace, lease)
+            await self._api.replace_namespaced_lease(self.name, self.namespace, lease, field_manager=self.field_manager)
             return True
         except ApiException as exc:
             if exc.status == 409:
@@ -155,7 +157,9 @@ class LeaderElector:
                 lease.spec.renew_time = None  # type: ignore[assignment]
                 lease.spec.acquire_time = None  # type: ignore[assignment]
                 lease.spec.lease_duration_seconds = 1
-                await self._api.replace_namespaced_lease(self.name, self.namespace, lease)
+                await self._api.replace_namespaced_lease(
+                    self.name, self.namespace, lease, field_manager=self.field_manager
+                )
                 log.info("leader_released", identity=self.identity)
         except Exception as exc:
             log.warning("lease_release_failed", error=str(translate(exc, "release lease")))

@@ -26,7 +26,7 @@ import structlog
 
 from canaryd.core.analysis import AnalysisTarget, Observation
 from canaryd.errors import MetricsError
-from canaryd.metrics import custom
+from canaryd.metrics import custom, dapr, envoy
 from canaryd.metrics.base import BatchedSignal, batch_key, measure
 from canaryd.metrics.dapr import DaprSignal
 from canaryd.metrics.envoy import EnvoySignal
@@ -96,14 +96,35 @@ class PrometheusAnalyzer:
                 return await custom.measure(self.client, template, target)
             raise MetricsError(f"unknown signal {signal!r}")
         except MetricsError as exc:
-            log.warning(
-                "analysis_query_failed",
-                signal=signal,
-                namespace=target.namespace,
-                route=target.route,
-                error=str(exc),
-            )
+            if exc.query is None:  # a failed query was logged by the client, with its PromQL
+                log.warning(
+                    "analysis_query_failed",
+                    signal=signal,
+                    namespace=target.namespace,
+                    route=target.route,
+                    error=str(exc),
+                )
             return Observation(signal, canary=None, stable=None, error=str(exc))
+
+    def no_series_hint(self, signal: str, target: AnalysisTarget) -> str:
+        """Why a signal can find no series for either backend, and where to look (``canaryd check``)."""
+        if signal == "envoy":
+            t = self._batched["envoy"].prepare(target)
+            return (
+                f"no {envoy.REQUESTS} series with {self.settings.envoy_cluster_label} matching {t.canary} (or the "
+                "stable's): this Prometheus does not scrape Envoy (with Cilium: enable Envoy's metrics and scrape "
+                "cilium-envoy), or the cluster names differ from prometheus.envoy_cluster_pattern"
+            )
+        if signal == "dapr":
+            ids = ", ".join(a for a in (target.spec.app_id, target.spec.stable_app_id) if a)
+            return (
+                f"no {dapr.SENT} or {dapr.RECEIVED} series for app-id {ids}: this Prometheus does not scrape "
+                "the callers' daprd, or canaryd.io/app-id is not the callee's Dapr app-id"
+            )
+        return (
+            f"the requests query of {signal} answered no series for either backend: check the metric and "
+            "label names in the template"
+        )
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

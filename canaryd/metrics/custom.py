@@ -153,11 +153,14 @@ async def measure(client: PrometheusClient, template: Template, target: Analysis
             raise MetricsError(f"{signal}.{key} returned {len(samples)} series; wrap the query in sum(...)")
         return samples[0].value if samples else None
 
-    async def backend(queries: dict[str, str]) -> BackendStats:
+    async def backend(queries: dict[str, str]) -> tuple[BackendStats, int]:
         keys = list(queries)
         values = await asyncio.gather(*(one(k, queries[k]) for k in keys))
         got = dict(zip(keys, values, strict=True))
-        return BackendStats(got["requests"] or 0.0, got["errors"] or 0.0, got.get("latency_ms"))
+        found = int(got["requests"] is not None)  # the requests query answered a series
+        return BackendStats(got["requests"] or 0.0, got["errors"] or 0.0, got.get("latency_ms")), found
 
-    stable, canary = await asyncio.gather(backend(rendered["stable"]), backend(rendered["canary"]))
-    return Observation(signal, canary=canary, stable=stable)
+    (stable, s_found), (canary, c_found) = await asyncio.gather(
+        backend(rendered["stable"]), backend(rendered["canary"])
+    )
+    return Observation(signal, canary=canary, stable=stable, series=s_found + c_found)

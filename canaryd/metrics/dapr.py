@@ -147,6 +147,13 @@ class DaprSignal:
         return self.match(await self.fetch(client, window_s, self.scope(items)), items)
 
     def match(self, index: DaprIndex, items: Sequence[DaprTarget]) -> list[Observation]:
+        def series(t: DaprTarget, callee: str | None) -> int:
+            """Callers with sent or received series for ``callee`` (as ``stats`` counts them)."""
+            if callee is None:
+                return 0
+            callers = {*index.sent.get(callee, {}), *index.ok.get(callee, {}), *index.client_errors.get(callee, {})}
+            return len({t.caller} & callers if t.caller is not None else callers - {callee})
+
         def stats(t: DaprTarget, callee: str) -> BackendStats:
             caller = t.caller
 
@@ -175,6 +182,7 @@ class DaprSignal:
                 self.name,
                 canary=stats(t, t.canary),
                 stable=stats(t, t.stable) if t.stable else None,
+                series=series(t, t.canary) + series(t, t.stable),
             )
             for t in items
         ]

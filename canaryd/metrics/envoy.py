@@ -224,10 +224,13 @@ class EnvoySignal:
         return index.names
 
     def match(self, index: EnvoyIndex, items: Sequence[EnvoyTarget]) -> list[Observation]:
-        cache: dict[tuple[float, float | None, bool, str], BackendStats] = {}
+        cache: dict[tuple[float, float | None, bool, str], tuple[BackendStats, int]] = {}
         empty: dict[float, float] = {}
 
-        def stats(pattern: str, literal: str, quantile: float, limit: float | None, count_4xx: bool) -> BackendStats:
+        def stats(
+            pattern: str, literal: str, quantile: float, limit: float | None, count_4xx: bool
+        ) -> tuple[BackendStats, int]:
+            """The backend's counts and how many of its clusters have request series."""
             key = (quantile, limit, count_4xx, pattern)
             hit = cache.get(key)
             if hit is not None:
@@ -235,9 +238,11 @@ class EnvoySignal:
             fullmatch = self._compile(pattern).fullmatch
             matched = [n for n in self._candidates(index, literal) if fullmatch(n)]
             req = err = 0.0
+            series = 0
             for n in matched:
                 t = index.totals.get(n)
                 if t is not None:
+                    series += 1
                     req += t[0]
                     err += t[1] + (t[2] if count_4xx else 0.0)
             if len(matched) == 1:
@@ -248,16 +253,19 @@ class EnvoySignal:
                     for le, v in index.buckets.get(n, empty).items():
                         merged[le] = merged.get(le, 0.0) + v
             frac = None if limit is None else slow_fraction(limit, merged)
-            out = cache[key] = BackendStats(
-                req, err, histogram_quantile(quantile, merged), None if frac is None else frac * req
+            out = cache[key] = (
+                BackendStats(req, err, histogram_quantile(quantile, merged), None if frac is None else frac * req),
+                series,
             )
             return out
 
-        return [
-            Observation(
-                self.name,
-                canary=stats(t.canary, t.canary_name if self._named else "", t.quantile, t.latency_max_ms, t.count_4xx),
-                stable=stats(t.stable, t.stable_name if self._named else "", t.quantile, t.latency_max_ms, t.count_4xx),
+        def observation(t: EnvoyTarget) -> Observation:
+            canary, c_series = stats(
+                t.canary, t.canary_name if self._named else "", t.quantile, t.latency_max_ms, t.count_4xx
             )
-            for t in items
-        ]
+            stable, s_series = stats(
+                t.stable, t.stable_name if self._named else "", t.quantile, t.latency_max_ms, t.count_4xx
+            )
+            return Observation(self.name, canary=canary, stable=stable, series=c_series + s_series)
+
+        return [observation(t) for t in items]

@@ -3,7 +3,8 @@
 A route's revisions split into what canaryd manages and what belongs to everyone else:
 
 - *managed*: the ``weight`` of the two backendRefs of the rollout (stable and canary) in the rules
-  holding both, and the annotations ``canaryd.io/state`` / ``canaryd.io/intent``;
+  holding both, the annotations ``canaryd.io/state`` / ``canaryd.io/intent`` and the label
+  ``canaryd.io/phase``;
 - *foreign*: everything else (labels, other annotations, matches, filters, other backendRefs with
   their weights, the order of the backendRefs), minus what the apiserver itself maintains
   (resourceVersion, managedFields, generation, uid, creationTimestamp).
@@ -43,6 +44,7 @@ from canaryd.core.state import Phase, RolloutState
 
 SERVER_OWNED_METADATA = ("resourceVersion", "managedFields", "generation", "uid", "creationTimestamp", "selfLink")
 MANAGED_ANNOTATIONS = (ann.STATE, ann.INTENT)
+MANAGED_LABELS = (ann.PHASE_LABEL,)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,12 @@ def split(obj: Mapping[str, Any], stable: str, canary: str) -> tuple[dict[str, A
         meta["annotations"] = annotations
     else:
         meta.pop("annotations", None)
+    labels = dict(meta.get("labels") or {})
+    managed["labels"] = {k: labels.pop(k) for k in MANAGED_LABELS if k in labels}
+    if labels:
+        meta["labels"] = labels
+    else:
+        meta.pop("labels", None)
     weights: dict[str, Any] = {}
     for i, rule in enumerate((foreign.get("spec") or {}).get("rules") or []):
         refs = rule.get("backendRefs") or []

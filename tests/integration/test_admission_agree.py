@@ -39,6 +39,7 @@ BAD: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "unknown-signal": ({**V2, ann.ANALYSIS: "telepathy"}, {}),
     "dapr-without-app-id": ({**V2, ann.ANALYSIS: "dapr"}, {}),
     "on-inconclusive-typo": ({**V2, ann.ON_INCONCLUSIVE: "panic"}, {}),
+    "on-drift-typo": ({**V2, ann.ON_DRIFT: "fight"}, {}),
     "huge-value": ({**V2, ann.STEPS: "x" * 150_000}, {}),
     "mistyped-key": ({**V2, "canaryd.io/sucess-rate-min": "99.9"}, {}),
     "unknown-hook": ({**V2, ann.HOOKS: "nosuch"}, {}),

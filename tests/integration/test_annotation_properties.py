@@ -72,6 +72,7 @@ VALID: dict[str, list[str]] = {
     ann.COUNT_4XX: ["true", "false", " TRUE ", "no", "1"],
     ann.HOOKS: [""],  # empty = none (no hooks are configured here)
     ann.NOTIFY: ["none"],
+    ann.ON_DRIFT: ["reassert", "hold", " hold "],
     "example.com/not-canaryds": ["", HUGE, *GARBAGE_TEXT],  # another prefix: none of canaryd's business
 }
 INVALID: dict[str, list[str]] = {
@@ -99,6 +100,7 @@ INVALID: dict[str, list[str]] = {
     ann.COUNT_4XX: ["maybe", "", "2"],
     ann.HOOKS: ["smoke-test", "http://hooks.example/x", "a/b"],  # none configured: every name is unknown
     ann.NOTIFY: ["", "team-a", "none,team-a"],
+    ann.ON_DRIFT: ["Hold", "fight", ""],
     UNKNOWN: ["", "anything", *GARBAGE_TEXT, HUGE],
     TYPO: ["99"],
 }

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from canaryd.core.spec import RolloutDefaults
+from canaryd.metrics.custom import TemplateStore, parse_templates
 from canaryd.settings import PrometheusSettings, Settings
 from devkit.devstack.binaries import bin_dir
 from tests.conftest import Stack
@@ -52,8 +53,21 @@ METRICS = {
     "canaryd_patch_seconds",
     "canaryd_rollout_last_transition_timestamp_seconds",
     "canaryd_leader",
+    "canaryd_weight_overwrites_total",
+    "canaryd_analysis_success_ratio",
+    "canaryd_analysis_request_rate",
+    "canaryd_analysis_requests",
+    "canaryd_analysis_latency_seconds",
+    "canaryd_analysis_evidence",
+    "canaryd_analysis_evidence_threshold",
 }
 HISTOGRAMS = {"canaryd_reconcile_seconds", "canaryd_patch_seconds"}
+
+# One custom signal, in the format of config/metric-templates.yaml's `templates:` entries.
+TEMPLATE = {
+    "requests": 'sum(increase(http_requests_total{namespace="{namespace}", service="{backend}"}[{window}]))',
+    "errors": 'sum(increase(http_requests_total{namespace="{namespace}", service="{backend}", code=~"5.."}[{window}]))',
+}
 
 SWITCHES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -69,7 +83,7 @@ SWITCHES: dict[str, dict[str, Any]] = {
             "ca": {"secretName": "prom-ca", "key": "ca.pem"},
         }
     },
-    "metric-templates": {"metricTemplates": {"templates": {"errors": {"query": "sum(rate(x[1m]))"}}}},
+    "metric-templates": {"metricTemplates": {"templates": {"errors": TEMPLATE}}},
     "existing-templates": {"metricTemplates": {"existingConfigMap": "my-templates"}},
     "single-replica": {"replicaCount": 1, "leaderElection": {"enabled": False}},
     "all-on": {
@@ -95,6 +109,12 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     ("bad-rbac-scope", {"rbac": {"scope": "everywhere"}}, "scope"),
     ("namespaced-without-namespaces", {"rbac": {"scope": "namespaced"}}, "namespaces"),
     ("step-out-of-range", {"defaults": {"steps": [0, 50, 100]}}, "steps"),
+    ("template-not-the-file-format", {"metricTemplates": {"templates": {"x": {"query": "sum(x)"}}}}, "query"),
+    ("template-without-errors", {"metricTemplates": {"templates": {"x": {"requests": "sum(x)"}}}}, "errors"),
+    ("template-blank-query", {"metricTemplates": {"templates": {"x": {**TEMPLATE, "requests": " "}}}}, "requests"),
+    ("template-bad-name", {"metricTemplates": {"templates": {"Bad Name": TEMPLATE}}}, "Bad Name"),
+    # the whole file pasted as the value: its `templates:` key would be read as a template's name
+    ("template-file-nested", {"metricTemplates": {"templates": {"templates": {"x": TEMPLATE}}}}, "templates"),
     ("bad-on-inconclusive", {"defaults": {"onInconclusive": "maybe"}}, "onInconclusive"),
     ("bad-analysis-signal", {"defaults": {"analysis": "datadog"}}, "analysis"),
     ("negative-replicas", {"replicaCount": -1}, "replicaCount"),
@@ -110,6 +130,7 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
 # Cross-field checks JSON schema cannot express: the templates `fail`, which `helm template`
 # (and install/upgrade) turn into errors; `helm lint` only reports them as [INFO].
 REJECTED_BY_TEMPLATE: list[tuple[str, dict[str, Any], str]] = [
+    ("steps-not-increasing", {"defaults": {"steps": [50, 10, 100]}}, "defaults.steps must increase strictly"),
     ("renew-not-below-duration", {"leaderElection": {"leaseDurationSeconds": 5, "renewSeconds": 5}}, "renewSeconds"),
     (
         "watch-outside-rbac-namespaces",
@@ -478,7 +499,7 @@ def test_values_reach_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             "envoyClusterPattern": r"^outbound\|{port}\|\|{service}\.{namespace}\.svc",
             "envoyClusterLabel": "cluster_name",
         },
-        "metricTemplates": {"templates": {"errors": {"query": "sum(rate(x[1m]))"}}},
+        "metricTemplates": {"templates": {"errors": TEMPLATE}},
         "service": {"port": 9090},
         "extraConfig": {"field_manager": "canaryd-prod"},
     }
@@ -512,8 +533,29 @@ def test_values_reach_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert volumes["prometheus-token"]["secret"]["secretName"] == "prom-token"
     assert volumes["prometheus-ca"]["secret"]["secretName"] == "prom-ca"
     cm = one(docs, "ConfigMap", volumes["metric-templates"]["configMap"]["name"])
-    assert yaml.safe_load(cm["data"]["metric-templates.yaml"]) == values["metricTemplates"]["templates"]
+    assert yaml.safe_load(cm["data"]["metric-templates.yaml"]) == {"templates": values["metricTemplates"]["templates"]}
     assert c["ports"][0]["containerPort"] == 9090
+
+
+def test_metric_templates_render_the_file_the_daemon_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped example file's templates as the value: the chart must hand the daemon that very file.
+    example = yaml.safe_load((REPO / "config" / "metric-templates.yaml").read_text())
+    docs = render(tmp_path, {"metricTemplates": {"templates": example["templates"]}})
+    s = load_settings_from_render(docs, tmp_path, monkeypatch=monkeypatch)
+    assert s.prometheus.custom_templates_file is not None
+    volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    cm = one(docs, "ConfigMap", volumes["metric-templates"]["configMap"]["name"])
+    name = Path(s.prometheus.custom_templates_file).name
+    assert [i["path"] for i in volumes["metric-templates"]["configMap"]["items"]] == [name]
+    mounted = tmp_path / "metric-templates" / name
+    mounted.parent.mkdir()
+    mounted.write_text(cm["data"][name])
+    assert yaml.safe_load(mounted.read_text()) == example
+    store = TemplateStore(str(mounted))  # the daemon's own loader, as the analyzer uses it
+    expected = parse_templates(example, source="config/metric-templates.yaml")
+    assert sorted(expected) == ["app-http", "envoy-xx", "hubble"]
+    for template in expected.values():
+        assert store.get(template.name) == template
 
 
 def test_basic_auth_and_configmap_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -533,6 +575,20 @@ def test_basic_auth_and_configmap_ca(tmp_path: Path, monkeypatch: pytest.MonkeyP
     docs = render(tmp_path, {"prometheus": {"ca": {"configMapName": "prom-ca"}}})
     volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["prometheus-ca"]["configMap"]["name"] == "prom-ca"
+
+
+def test_extra_volumes_are_pod_volumes(tmp_path: Path) -> None:
+    # With scheduling values set, extra volumes must still land under volumes (not in tolerations).
+    values = {
+        "extraVolumes": [{"name": "hook-token", "secret": {"secretName": "hook-token"}}],
+        "extraVolumeMounts": [{"name": "hook-token", "mountPath": "/var/run/secrets/hook", "readOnly": True}],
+        "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+    }
+    pod = one(render(tmp_path, values), "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "hook-token", "secret": {"secretName": "hook-token"}} in pod["volumes"]
+    assert pod["tolerations"] == values["tolerations"]
+    assert pod["topologySpreadConstraints"] == values["topologySpreadConstraints"]
 
 
 def test_config_change_rolls_pods(tmp_path: Path) -> None:
@@ -637,39 +693,51 @@ def test_pdb(tmp_path: Path) -> None:
     assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
 
 
-def test_notes_show_how_to_start(tmp_path: Path) -> None:
-    # helm template does not print NOTES.txt (and install --dry-run needs a cluster): render it
-    # through tpl from a copy of the chart.
+def render_notes(tmp_path: Path, values: dict[str, Any]) -> str:
+    """NOTES.txt as helm prints it after install: helm template does not print it (and install --dry-run
+    needs a cluster), so it is rendered through tpl from a copy of the chart."""
     copy = tmp_path / "chart"
-    shutil.copytree(CHART, copy)
-    (copy / "templates" / "NOTES.txt").rename(copy / "NOTES.src")
-    (copy / "templates" / "notes.yaml").write_text('notes: {{ tpl (.Files.Get "NOTES.src") . | toJson }}\n')
-    values = {"rbac": {"scope": "namespaced", "namespaces": ["shop", "payments"]}}
+    if not copy.exists():
+        shutil.copytree(CHART, copy)
+        (copy / "templates" / "NOTES.txt").rename(copy / "NOTES.src")
+        (copy / "templates" / "notes.yaml").write_text('notes: {{ tpl (.Files.Get "NOTES.src") . | toJson }}\n')
     vf = tmp_path / "v.yaml"
     vf.write_text(yaml.safe_dump(values))
-    proc = run(
-        [
-            tool("helm"),
-            "template",
-            "canaryd",
-            str(copy),
-            "-n",
-            RELEASE_NS,
-            "-f",
-            str(vf),
-            "--show-only",
-            "templates/notes.yaml",
-        ]
-    )
+    argv = [tool("helm"), "template", "canaryd", str(copy), "-n", RELEASE_NS, "-f", str(vf)]
+    proc = run([*argv, "--show-only", "templates/notes.yaml"])
     assert proc.returncode == 0, proc.stderr
-    notes = yaml.safe_load(proc.stdout)["notes"]
+    notes: str = yaml.safe_load(proc.stdout)["notes"]
+    return notes
+
+
+def test_notes_show_how_to_start(tmp_path: Path) -> None:
+    notes = render_notes(tmp_path, {"rbac": {"scope": "namespaced", "namespaces": ["shop", "payments"]}})
     assert (
         "kubectl annotate httproute whoami canaryd.io/canary=whoami-v2 canaryd.io/steps=10,50,100 "
         "canaryd.io/interval=1m"
     ) in notes
-    assert "canaryd status -A" in notes
+    assert "canaryd status -A" in notes and "kubectl canaryd status -A" in notes
     assert "Watching HTTPRoutes in: shop, payments" in notes
     assert f"{RELEASE_NS}/canaryd-leader" in notes
+    # The default analysis is none: said plainly, with how to turn it on.
+    assert "Default analysis: none. Rollouts are NOT analysed" in notes
+    assert "Add canaryd.io/analysis=envoy" in notes
+    assert "kubectl label" not in notes and "label selector" not in notes
+
+
+def test_notes_follow_analysis_and_label_selector(tmp_path: Path) -> None:
+    notes = render_notes(
+        tmp_path,
+        {"labelSelector": "canaryd.io/enabled=true", "defaults": {"analysis": "envoy,dapr", "successRateMin": 99.5}},
+    )
+    assert "Default analysis: envoy,dapr, judged with Prometheus at http://prometheus-server.monitoring:9090" in notes
+    assert "canary success rate >= 99.5%" in notes and "NOT analysed" not in notes
+    assert "Watching HTTPRoutes in: all namespaces (label selector canaryd.io/enabled=true)." in notes
+    assert "kubectl label httproute whoami canaryd.io/enabled=true" in notes
+    # A selector that is not one label=value cannot be turned into a command: it is quoted as it is.
+    notes = render_notes(tmp_path, {"labelSelector": "tier in (web,api)"})
+    assert "canaryd only considers routes matching the label selector tier in (web,api)" in notes
+    assert "kubectl label httproute" not in notes
 
 
 def test_readme_documents_every_value() -> None:

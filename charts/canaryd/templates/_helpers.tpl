@@ -70,6 +70,13 @@ app.kubernetes.io/part-of: canaryd
 {{/* The settings file (config/canaryd.yaml format): structured settings from values. */}}
 {{- define "canaryd.settingsFile" -}}
 {{- $d := .Values.defaults }}
+{{- $prev := 0 }}
+{{- range $d.steps }}
+{{- if le (int64 .) (int64 $prev) }}
+{{- fail (printf "defaults.steps must increase strictly (the rule of canaryd.io/steps): %v then %v in %v" $prev . $d.steps) }}
+{{- end }}
+{{- $prev = . }}
+{{- end }}
 {{- $p := .Values.prometheus }}
 {{- $defaults := dict
   "steps" $d.steps
@@ -111,6 +118,12 @@ app.kubernetes.io/part-of: canaryd
   "prometheus" $prom }}
 {{- $merged := mustMergeOverwrite $settings (deepCopy (.Values.extraConfig | default dict)) }}
 {{- toYaml $merged }}
+{{- end }}
+
+{{/* The metric templates file, in the format canaryd reads (config/metric-templates.yaml; canaryd/metrics/custom.py):
+a top-level `templates:` mapping of name -> {requests, errors[, latency_ms]}. */}}
+{{- define "canaryd.metricTemplatesFile" -}}
+{{- toYaml (dict "templates" .Values.metricTemplates.templates) }}
 {{- end }}
 
 {{- define "canaryd.metricTemplatesEnabled" -}}
