@@ -17,8 +17,9 @@ from typing import Any
 from canaryd.core import spec as ann
 from canaryd.core.admit import is_managed
 from canaryd.core.backends import resolve_pair
-from canaryd.core.errors import CanarydError
+from canaryd.core.errors import CanarydError, SpecError
 from canaryd.core.plan import canary_percent
+from canaryd.core.spec import RolloutDefaults
 from canaryd.core.state import AnalysisRecord, Phase, RolloutState, parse_ts, ts
 
 SCHEMA_VERSION = "canaryd.io/v1"
@@ -370,8 +371,55 @@ def _ago(at: str | None, now: datetime) -> str:
     return "-" if t is None else f"{duration((now - t).total_seconds())} ago"
 
 
+def effective_settings(annotations: Mapping[str, str], defaults: RolloutDefaults) -> list[tuple[str, str, str]]:
+    """(setting, value, source) of a route's rollout, as ``parse_spec`` resolves it; [] if it does not parse."""
+    try:
+        spec = ann.parse_spec(annotations, defaults)
+    except SpecError:
+        return []
+    if spec is None:
+        return []
+    a = spec.analysis
+    rows = [
+        ("steps", ",".join(map(str, spec.steps)), (ann.STEPS, ann.STEP_WEIGHT, ann.MAX_WEIGHT)),
+        ("interval", _secs(spec.interval_s), (ann.INTERVAL,)),
+        ("analysis", ",".join(a.signals) or "none (not analysed)", (ann.ANALYSIS,)),
+        ("analysis-interval", _secs(a.interval_s), (ann.ANALYSIS_INTERVAL,)),
+        ("success-rate-min", f"{a.success_rate_min:g}%", (ann.SUCCESS_RATE_MIN,)),
+        ("latency-max", "-" if a.latency_max_ms is None else f"{a.latency_max_ms:g}ms", (ann.LATENCY_MAX,)),
+        ("min-requests", str(a.min_requests), (ann.MIN_REQUESTS,)),
+        ("confidence", f"{a.confidence:g}", (ann.CONFIDENCE,)),
+        (
+            "max-inconclusive",
+            f"{a.max_inconclusive} then {a.on_inconclusive}",
+            (ann.MAX_INCONCLUSIVE, ann.ON_INCONCLUSIVE),
+        ),
+        ("ready-deadline", _secs(spec.ready_deadline_s), (ann.READY_DEADLINE,)),
+        ("on-drift", spec.on_drift, (ann.ON_DRIFT,)),
+    ]
+    return [
+        (name, value, "annotation" if any(k in annotations for k in keys) else "default") for name, value, keys in rows
+    ]
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:g}s" if seconds < 60 else duration(seconds)
+
+
+def _settings_table(annotations: Mapping[str, str], defaults: RolloutDefaults) -> str:
+    rows = effective_settings(annotations, defaults)
+    if not rows:
+        return "  <the annotations do not parse; see Message>" if ann.CANARY in annotations else "  <not annotated>"
+    return table(("SETTING", "VALUE", "SOURCE"), rows, indent="  ").rstrip("\n")
+
+
 def render_detail(
-    obj: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now: datetime, *, color: bool = False
+    obj: Mapping[str, Any],
+    events: Sequence[Mapping[str, Any]],
+    now: datetime,
+    *,
+    color: bool = False,
+    defaults: RolloutDefaults | None = None,
 ) -> str:
     rs = RouteStatus.from_route(obj)
     st = rs.state
@@ -404,6 +452,12 @@ def render_detail(
     out.append("")
     out.append("Annotations:")
     out.append(table(("NAME", "VALUE"), spec_ann, indent="  ").rstrip("\n") if spec_ann else "  <none>")
+    if defaults is not None:
+        out += [
+            "",
+            "Settings (effective; a default is this CLI's CANARYD_* / settings file, as the daemon reads them):",
+        ]
+        out.append(_settings_table(rs.annotations, defaults))
 
     out.append("")
     out.append("Plan:")
@@ -460,12 +514,13 @@ def render_watch(
     *,
     color: bool = False,
     every_s: float = 1.0,
+    defaults: RolloutDefaults | None = None,
 ) -> str:
     """The live view of ``status ROUTE --watch`` on a terminal: a clock line, then the detail view."""
     meta = obj["metadata"]
     route = f"{meta.get('namespace', '')}/{meta['name']}"
     head = f"{_clock(now)}  httproute {route}, redrawn every {every_s:g}s (Ctrl-C to stop)"
-    return f"{head}\n\n{render_detail(obj, events, now, color=color)}"
+    return f"{head}\n\n{render_detail(obj, events, now, color=color, defaults=defaults)}"
 
 
 def sort_events(events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

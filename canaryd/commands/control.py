@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -510,10 +511,16 @@ async def _status_route(api: Api, ref: RouteRef, args: argparse.Namespace, color
         return await _wait_route(api, ref, args)
     events = await route_events(api, ref)
     if args.output in ("table", "wide"):
-        _emit(render.render_detail(obj, events, _now(), color=color), redraw=False)
+        _emit(render.render_detail(obj, events, _now(), color=color, defaults=_defaults()), redraw=False)
     else:
         _emit(dump(render.single_document(obj, events, _now()), args.output), redraw=False)
     return EXIT_OK
+
+
+@functools.cache
+def _defaults() -> RolloutDefaults:
+    """The rollout defaults as the daemon reads them (CANARYD_*, the settings file), once per process."""
+    return Settings().defaults
 
 
 def _events_key(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -555,9 +562,9 @@ def _draw_route(
     obj: dict[str, Any], events: list[dict[str, Any]], args: argparse.Namespace, *, color: bool, live: bool
 ) -> None:
     if live:
-        _emit(render.render_watch(obj, events, _now(), color=color, every_s=TICK_S), redraw=True)
+        _emit(render.render_watch(obj, events, _now(), color=color, every_s=TICK_S, defaults=_defaults()), redraw=True)
     elif args.output in ("table", "wide"):
-        _emit(render.render_detail(obj, events, _now(), color=color) + "\n", redraw=False)
+        _emit(render.render_detail(obj, events, _now(), color=color, defaults=_defaults()) + "\n", redraw=False)
     else:
         doc = dump(render.single_document(obj, events, _now()), args.output, compact=args.output == "json")
         _emit(doc + ("---\n" if args.output == "yaml" else ""), redraw=False)
@@ -682,7 +689,7 @@ async def _apply_intent(api: Api, ref: RouteRef, intent: str, wait: bool, timeou
     if rs.state_error:
         raise CanarydError(f"httproute {ref}: {rs.state_error}")
     before: tuple[IntentRecord, ...] = rs.state.intents if rs.state else ()
-    outcome = predict(intent, obj, Settings().defaults, _now())
+    outcome = predict(intent, obj, _defaults(), _now())
     if not outcome.applies:
         raise CanarydError(f"{intent} httproute {ref} refused, nothing written: {outcome.text.strip()}")
     if rs.pending_intent:

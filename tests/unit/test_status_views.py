@@ -83,3 +83,24 @@ def test_wait_prints_only_on_change() -> None:
     st = PHASE_STATES["progressing"]
     moved = route_dict("whoami", "shop", st.with_(step=2, canary_weight=50, message="step 3/4"), 50)
     assert render.progress_key(moved) != render.progress_key(r)
+
+
+def test_detail_view_shows_the_effective_settings_and_their_source() -> None:
+    route = route_dict("progressing", "shop", PHASE_STATES["progressing"], ROUTE_WEIGHTS["progressing"])
+    route["metadata"]["annotations"][ann.MIN_REQUESTS] = "150"
+    defaults = ann.RolloutDefaults(analysis="none", interval_s=120)
+    text = render.render_detail(route, EVENTS, NOW, defaults=defaults)
+    assert text == golden("status_detail_settings.txt", text)
+    rows = {name: (value, source) for name, value, source in render.effective_settings(_annotations(route), defaults)}
+    assert rows["min-requests"] == ("150", "annotation")
+    assert rows["on-drift"] == ("reassert", "default")
+    # A route that only names the canary takes everything else from the defaults, and says so.
+    bare = {name: value for name, value, _ in render.effective_settings({ann.CANARY: "whoami-v2"}, defaults)}
+    assert {src for _, _, src in render.effective_settings({ann.CANARY: "whoami-v2"}, defaults)} == {"default"}
+    assert bare["analysis"] == "none (not analysed)" and bare["interval"] == "2m"
+    # Unparseable annotations show no made-up settings.
+    assert render.effective_settings({ann.CANARY: "whoami-v2", ann.STEPS: "50,10"}, defaults) == []
+
+
+def _annotations(route: dict[str, Any]) -> dict[str, str]:
+    return dict(route["metadata"]["annotations"])
