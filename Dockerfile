@@ -5,7 +5,9 @@
 # Stage 1 builds wheels for canaryd and every dependency; stage 2 installs them from that
 # directory only (--no-index: no network, no compiler) and runs as the numeric user 65532.
 # Pin the base by digest too when publishing: python:3.11.14-slim-bookworm@sha256:<digest>.
-ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# Any base with Python 3.11+ whose `python` and `pip` come first on PATH works: `make image`
+# (hack/build-image.sh) makes one from Debian's packages where this registry is out of reach.
+ARG PYTHON_IMAGE=docker.io/library/python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -18,6 +20,8 @@ COPY canaryd ./canaryd
 RUN pip wheel --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
+# Re-declared (no default: the global one above applies) so the label below names the base used.
+ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown
@@ -30,7 +34,7 @@ LABEL org.opencontainers.image.title="canaryd" \
       org.opencontainers.image.url="https://github.com/canaryd/canaryd" \
       org.opencontainers.image.documentation="https://github.com/canaryd/canaryd/tree/main/charts/canaryd" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.14-slim-bookworm"
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all test unit integration lint typecheck venv binaries prometheus demo bench bench-smoke bench-judge chaos wheel-check clean devstack-up devstack-down
+.PHONY: all test unit integration lint typecheck venv binaries prometheus demo bench bench-smoke bench-judge chaos wheel-check clean devstack-up devstack-down image image-test
 
 all: test
 
@@ -65,3 +65,13 @@ clean:
 
 chaos: venv binaries prometheus
 	$(PY) -m devkit.chaos.run
+
+# The container image from ./Dockerfile with buildah, on a base made from Debian's packages
+# (hack/build-image.sh; installs buildah/debootstrap with apt-get when missing). docs/image.md.
+image:
+	bash hack/build-image.sh
+
+# The image's entrypoint against a devstack as the chart's Pod (read-only root, in-cluster config):
+# a rollout to Promoted and an abort to RolledBack. Minutes, not part of `make test`.
+image-test: venv binaries image
+	$(PY) -m devkit.image_test

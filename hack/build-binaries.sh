@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local stack's binaries from Go modules into a cache outside the repo: etcd,
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm, kwok, daprd and
-# Dapr Sentry; unpacks the Gateway API standard CRDs, Cilium's CRDs and kwok's default stages
-# beside them.
+# Dapr Sentry; unpacks the Gateway API standard CRDs, Cilium's CRDs, the Prometheus Operator's
+# ServiceMonitor/PrometheusRule CRDs and kwok's default stages beside them.
 # Reuses whatever is already there; safe to run again.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,6 +27,7 @@ check_pin crds sigs.k8s.io/gateway-api "$GATEWAY_API_VERSION"
 check_pin cilium github.com/cilium/cilium "$CILIUM_VERSION"
 check_pin kwok sigs.k8s.io/kwok "$KWOK_VERSION"
 check_pin dapr github.com/dapr/dapr "$DAPR_VERSION"
+check_pin prometheus-operator github.com/prometheus-operator/prometheus-operator "$PROMETHEUS_OPERATOR_VERSION"
 
 build() { # module dir, package, binary name, extra -ldflags, build tags
   if [ -x "$out/$3" ]; then return 0; fi
@@ -94,5 +95,20 @@ if [ ! -f "$out/crds/standard/.done" ]; then
   cp "$dir"/config/crd/standard/*.yaml "$out/crds/standard/"
   chmod u+w "$out"/crds/standard/*.yaml
   touch "$out/crds/standard/.done"
+fi
+# The Prometheus Operator's CRDs for the chart's ServiceMonitor and PrometheusRule. Its version is
+# not in the cache key (adding it would rebuild every binary): the marker records it instead.
+po="$out/crds/prometheus-operator"
+if [ "$(cat "$po/.done" 2>/dev/null)" != "$PROMETHEUS_OPERATOR_VERSION" ]; then
+  dir=$(moddir prometheus-operator github.com/prometheus-operator/prometheus-operator)
+  rm -rf "$po.tmp"
+  mkdir -p "$po.tmp"
+  for c in servicemonitors prometheusrules; do
+    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$c.yaml" "$po.tmp/"
+  done
+  chmod u+w "$po.tmp"/*.yaml
+  echo "$PROMETHEUS_OPERATOR_VERSION" >"$po.tmp/.done"
+  rm -rf "$po"
+  mv "$po.tmp" "$po"
 fi
 echo "$out"

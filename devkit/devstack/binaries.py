@@ -23,7 +23,7 @@ NAMES = (
     "daprd",
     "sentry",
 )
-DIRS = ("crds/standard", "crds/cilium", "kwok-stages")
+DIRS = ("crds/standard", "crds/cilium", "crds/prometheus-operator", "kwok-stages")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ class Binaries:
     @property
     def cilium_crds(self) -> Path:
         return self.dir / "crds" / "cilium"
+
+    @property
+    def prometheus_operator_crds(self) -> Path:
+        """The Prometheus Operator's ServiceMonitor and PrometheusRule CRDs (the chart's optional objects)."""
+        return self.dir / "crds" / "prometheus-operator"
 
     @property
     def kwok_stages(self) -> Path:
