@@ -139,13 +139,13 @@ INTENTS: tuple[Intent, ...] = ("promote", "abort", "pause", "resume", "retry")
 
 # DNS-1123 label: what a Service (and so a backendRef) name may be. Anything else is refused,
 # which also keeps these values safe to place inside PromQL label matchers.
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)?\s*$", re.ASCII)
 # Numbers as the docs say: ASCII digits only (Python's int()/float() also take '٣', '５' and '1_000').
-_INT = re.compile(r"^[+-]?[0-9]+$")
-_FLOAT = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+_INT = re.compile(r"^[+-]?[0-9]+\Z")
+_FLOAT = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0, None: 1.0}
-_SIGNAL = re.compile(r"^(none|envoy|dapr|custom:[a-z0-9]([-a-z0-9_]{0,61}[a-z0-9])?)$")
+_SIGNAL = re.compile(r"^(none|envoy|dapr|custom:[a-z0-9]([-a-z0-9_]{0,61}[a-z0-9])?)\Z")
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 from canaryd.errors import MetricsError
 
 # DNS-1123 label (Service names, Dapr app-ids, namespaces).
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 # DNS-1123 subdomain (object names such as an HTTPRoute's).
-_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 _RE2_META = re.compile(r"([\\.+*?()|\[\]{}^$])")
 _VARIABLE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
