@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -39,7 +40,9 @@ def test_wheel_holds_only_the_controller_and_its_cli_works(tmp_path: Path) -> No
     ).stdout.strip()
     deps = [p for p in sys.path if p.endswith("site-packages")]
     Path(site, "deps.pth").write_text("\n".join(deps) + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    # Without PYTHONPATH: a checkout on it (with its egg-info) would look like canaryd already installed.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, env=clean)
     cli = env_dir / "bin" / "canaryd"
     outside = tmp_path / "elsewhere"  # not the checkout: devkit must not be importable by accident
     outside.mkdir()
