@@ -350,12 +350,18 @@ async def test_pods_are_served_by_local_processes_and_the_bad_release_refuses(
         runner = dp.pods
         assert runner is not None
 
-        async def served() -> bool:
+        seen: list[str] = []
+
+        async def served() -> bool | None:
             v2 = dp.table.endpoints.get(("whoami-v2", 80), ())
             v3 = dp.table.endpoints.get(("whoami-v3", 80), ())
-            return len(v2) == 2 and not any(e.refused for e in v2) and len(v3) == 1 and v3[0].refused
+            seen[:] = [f"v2={v2!r} v3={v3!r} pods={runner.pids()!r}"]
+            return (len(v2) == 2 and not any(e.refused for e in v2) and len(v3) == 1 and v3[0].refused) or None
 
-        await eventually(served, timeout=90, what="2 v2 Pods served locally, v3's endpoint refusing")
+        try:
+            await eventually(served, timeout=90, what="2 v2 Pods served locally, v3's endpoint refusing")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the data plane saw {seen}") from None
         pods = await core.list_namespaced_pod(namespace)
         v2_pods = {p.metadata.name for p in pods.items if p.metadata.labels["app.kubernetes.io/version"] == "v2"}
         v2_ips = {p.status.pod_ip for p in pods.items if p.metadata.name in v2_pods}
