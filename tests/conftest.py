@@ -78,3 +78,19 @@ async def namespace(api: client.ApiClient) -> AsyncIterator[str]:
     yield name
     # Left for the session's end (when the whole control plane goes): deleting it here would
     # make the namespace controller race the test's own teardown of daemons and watches.
+
+
+@pytest.fixture
+def own_stack() -> Iterator[Stack]:
+    """A control plane of the test's own, for tests that kill or break it (never the session's)."""
+    with fresh_stack("canaryd-own-") as s:
+        yield s
+
+
+@pytest.fixture
+async def own_api(own_stack: Stack) -> AsyncIterator[client.ApiClient]:
+    api = await new_client(str(own_stack.kubeconfig))
+    try:
+        yield api
+    finally:
+        await api.close()

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,8 @@ from kubernetes_asyncio import client
 
 from canaryd.core import spec as ann
 from canaryd.core.state import Phase, RolloutState
-from canaryd.kube import new_client
 from devkit.devstack.prometheus import PrometheusServer
-from tests.conftest import Stack, fresh_stack
+from tests.conftest import Stack
 from tests.daemons import Daemon
 from tests.kubeobjects import (
     create_backend,
@@ -167,22 +165,6 @@ async def test_garbage_kubeconfig_is_one_error_line(tmp_path: Path, garbage: str
 
 
 # --- the CRD goes away and comes back ----------------------------------------------------------------------
-@pytest.fixture
-def own_stack() -> Iterator[Stack]:
-    """A control plane of this test's own: its HTTPRoute CRD is deleted."""
-    with fresh_stack("canaryd-crd-") as s:
-        yield s
-
-
-@pytest.fixture
-async def own_api(own_stack: Stack) -> AsyncIterator[client.ApiClient]:
-    api = await new_client(str(own_stack.kubeconfig))
-    try:
-        yield api
-    finally:
-        await api.close()
-
-
 async def test_daemon_survives_the_httproute_crd_going_away(
     own_stack: Stack, own_api: client.ApiClient, daemons: list[Daemon], tmp_path: Path
 ) -> None:

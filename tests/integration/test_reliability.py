@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ from kubernetes_asyncio import client
 from canaryd.core import spec as ann
 from canaryd.core.errors import StateError
 from canaryd.core.state import Phase, RolloutState
-from canaryd.kube import new_client
 from canaryd.kube.leader import LeaderElector
 from devkit.devstack import controlplane
-from tests.conftest import Stack, fresh_stack
+from tests.conftest import Stack
 from tests.daemons import Daemon
 from tests.kubeobjects import (
     create_backend,
@@ -58,22 +56,6 @@ async def backends(api: client.ApiClient, ns: str, *names: str) -> None:
 
 
 # --- 1. an apiserver restart is weather, not a reason to exit ----------------------------------------
-@pytest.fixture
-def own_stack() -> Iterator[Stack]:
-    """A control plane of this test's own: it is SIGKILLed, so it must not be the session's."""
-    with fresh_stack("canaryd-chaos-") as s:
-        yield s
-
-
-@pytest.fixture
-async def own_api(own_stack: Stack) -> AsyncIterator[client.ApiClient]:
-    api = await new_client(str(own_stack.kubeconfig))
-    try:
-        yield api
-    finally:
-        await api.close()
-
-
 @pytest.mark.parametrize("leader_election", [False, True], ids=["single", "leader-elected"])
 async def test_daemon_rides_out_an_apiserver_restart(
     own_stack: Stack, own_api: client.ApiClient, daemons: list[Daemon], tmp_path: Path, leader_election: bool
