@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all test unit integration lint typecheck venv binaries prometheus demo bench bench-smoke bench-judge chaos wheel-check clean devstack-up devstack-down image image-test
+.PHONY: all test unit integration lint typecheck venv binaries prometheus demo bench bench-smoke bench-judge bench-vs-flagger bench-shards chaos wheel-check clean devstack-up devstack-down image image-test
 
 all: test
 
@@ -49,6 +49,15 @@ bench: venv binaries prometheus
 
 bench-smoke: venv binaries prometheus
 	$(PY) -m devkit.bench.run --smoke
+
+# canaryd against Flagger (built from its Go module by hack/build-flagger.sh, never by make test)
+# on one devstack; docs/benchmarks.md "canaryd vs Flagger". About an hour; --sizes 1 for a smoke run.
+bench-vs-flagger: venv binaries prometheus
+	$(PY) -m devkit.bench.vs_flagger --sizes 1,100,1000
+
+# 2,500 / 5,000 / 10,000 staggered routes over 4 `canaryd run --shards 4` daemons (docs/benchmarks.md, "Shards").
+bench-shards: venv binaries prometheus
+	$(PY) -m devkit.bench.shards --routes 2500 5000 10000 --shards 4
 
 bench-judge: venv
 	$(PY) -m pip install -q -e '.[dev,bench]'

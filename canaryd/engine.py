@@ -35,13 +35,13 @@ from canaryd.core.backends import (
 from canaryd.core.decide import Decision, Event, decide
 from canaryd.core.hooks import key as hook_key
 from canaryd.core.spec import INTENT, PHASE_LABEL, STATE
-from canaryd.core.state import Failure, Phase, RolloutState
+from canaryd.core.state import Failure, Phase, RolloutState, parse_ts
 from canaryd.errors import CanarydError, ConflictError, InvalidError, NotFoundError
 from canaryd.hooks import HookRunner, Notifier, payload_from_state
 from canaryd.hooks.config import catalog as hook_catalog
 from canaryd.kube import Api
 from canaryd.kube.api import lister
-from canaryd.kube.events import EventRecorder
+from canaryd.kube.events import EventRecorder, coalesce
 from canaryd.kube.informer import Informer, Key
 from canaryd.kube.routes import RouteClient
 from canaryd.observability import Metrics
@@ -72,6 +72,36 @@ def _state_ops(
     return ops
 
 
+def _meta(obj: dict[str, Any], *extra: str) -> dict[str, Any]:
+    m = obj["metadata"]
+    keep = ("name", "namespace", "resourceVersion", *extra)
+    return {k: m[k] for k in keep if k in m}
+
+
+def _slim_route(obj: dict[str, Any]) -> dict[str, Any]:
+    """The route as the engine reads and patches it, without ``managedFields`` (often a third of it)."""
+    obj["metadata"].pop("managedFields", None)
+    return obj
+
+
+def _slim_service(obj: dict[str, Any]) -> dict[str, Any]:
+    """The engine only asks whether a Service exists: its cache keeps the name."""
+    return {"metadata": _meta(obj)}
+
+
+def _slim_slice(obj: dict[str, Any]) -> dict[str, Any]:
+    """What ``slice_ready`` and the service index read: the Service label and each endpoint's readiness."""
+    meta = _meta(obj)
+    service = (obj["metadata"].get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if service is not None:
+        meta["labels"] = {SERVICE_NAME_LABEL: service}
+    endpoints = [
+        {"addresses": (ep.get("addresses") or [])[:1], "conditions": ep.get("conditions") or {}}
+        for ep in obj.get("endpoints") or []
+    ]
+    return {"metadata": meta, "endpoints": endpoints}
+
+
 class Engine:
     def __init__(
         self,
@@ -80,14 +110,14 @@ class Engine:
         *,
         analyzer: Analyzer | None = None,
         metrics: Metrics | None = None,
-        is_leader: Callable[[], bool] = lambda: True,
+        owns: Callable[[str, str], bool] = lambda namespace, name: True,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.api = api
         self.settings = settings
         self.analyzer = analyzer
         self.metrics = metrics or Metrics.create()
-        self.is_leader = is_leader
+        self.owns = owns  # may this replica write the route now (its Lease or its shard's)? Asked before each write
         self.clock = clock
         self.routes = RouteClient(api, settings.field_manager)
         self.events = EventRecorder(api, instance=settings.identity, field_manager=settings.field_manager)
@@ -101,6 +131,8 @@ class Engine:
         self._waiters: dict[Key, set[Key]] = {}  # canary service -> routes
         self._shown: dict[Key, tuple[str, int, int]] = {}  # what the gauges show per route
         self._refusals: dict[Key, int] = {}  # writes the apiserver refused as invalid, per route
+        self._written: dict[Key, str] = {}  # the resourceVersion of our last write, per route, until its echo
+        self._analysed: dict[Key, datetime] = {}  # when the route's last analysis answered
         self.catalog = hook_catalog(settings.hooks)
         self.hooks = HookRunner(settings.hooks, metrics_registry=self.metrics.registry)
         self.notifier = Notifier(settings.hooks, metrics_registry=self.metrics.registry)
@@ -114,14 +146,16 @@ class Engine:
         out: list[Informer] = []
         for scope in scopes:
             suffix = f"/{scope}" if scope else ""
-            for kind, on_change in (
-                ("httproutes", self._on_route),
-                ("services", self._on_service),
-                ("endpointslices", self._on_slice),
+            for kind, on_change, slim in (
+                ("httproutes", self._on_route, _slim_route),
+                ("services", self._on_service, _slim_service),
+                ("endpointslices", self._on_slice, _slim_slice),
             ):
                 fn, args = lister(self.api, kind, scope)  # type: ignore[arg-type]
                 selector = self.settings.label_selector if kind == "httproutes" else None
-                out.append(Informer(f"{kind}{suffix}", fn, args, on_change=on_change, label_selector=selector))
+                out.append(
+                    Informer(f"{kind}{suffix}", fn, args, on_change=on_change, label_selector=selector, transform=slim)
+                )
         return out
 
     def _route_cache(self, key: Key) -> dict[str, Any] | None:
@@ -174,16 +208,24 @@ class Engine:
         if self._stopping:
             return
         w = self._workers.get(key)
-        if obj is None or not is_managed(obj):
+        if obj is None or not is_managed(obj) or not self.owns(*key):
             if w is not None:
-                w.wake.set()  # the worker sees the route gone/unmanaged and ends
+                w.wake.set()  # the worker sees the route gone/unmanaged/another shard's and ends
             return
         if w is None or w.task is None or w.task.done():
             w = _Worker()
             self._workers[key] = w
             w.task = asyncio.create_task(self._work(key, w), name=f"rollout {key[0]}/{key[1]}")
-        else:
-            w.wake.set()
+        elif self._written.pop(key, None) != obj["metadata"].get("resourceVersion"):
+            w.wake.set()  # (our own write coming back changes nothing its worker has not decided already)
+
+    def reassess(self) -> None:
+        """This replica gained or lost a shard: end the workers of routes it no longer owns at once, and
+        start the newly owned ones from the informer cache (their state is on the route: nothing is lost)."""
+        for inf in self.informers:
+            if inf.name.startswith("httproutes"):
+                for key, obj in list(inf.cache.items()):
+                    self._on_route(key, obj)
 
     # --- workers ---------------------------------------------------------------------------
     async def _work(self, key: Key, w: _Worker) -> None:
@@ -197,8 +239,8 @@ class Engine:
                 while not self._stopping:
                     w.wake.clear()
                     obj = self._route_cache(key)
-                    if obj is None or not is_managed(obj):
-                        self.metrics.forget(ns, name)
+                    if obj is None or not is_managed(obj) or not self.owns(ns, name):
+                        self.metrics.forget(ns, name)  # another shard's route: its holder shows it
                         self._shown.pop(key, None)
                         return
                     try:
@@ -216,6 +258,8 @@ class Engine:
             finally:
                 if self._workers.get(key) is w:
                     del self._workers[key]
+                    self._written.pop(key, None)
+                    self._analysed.pop(key, None)
                 self._wait_on(key, None)
 
     async def reconcile(self, obj: dict[str, Any]) -> datetime | None:
@@ -238,12 +282,13 @@ class Engine:
             if d.analyze and adm.pair is not None and adm.spec is not None:
                 window = d.window_s or adm.spec.analysis.window_s
                 observations = await self._analyze(obj, adm, window)
+                self._analysed[(ref.namespace, ref.name)] = self.clock()  # for the step's delay (_step_delay)
                 # Measuring takes time: decide (and schedule the next round) from when it ended.
                 facts = dataclasses.replace(facts, observations=observations, now=self.clock())
                 d = decide(facts)
                 self._log_round(ref, d, window)
             if d.call_hooks:
-                if not self.is_leader():  # a gate can start a smoke test: only the replica that acts may call it
+                if not self.owns(ref.namespace, ref.name):  # a gate can start a smoke test: only the replica that acts
                     return self.clock() + timedelta(seconds=1)
                 answers = await self._call_gates(obj, d)
                 d = decide(dataclasses.replace(facts, hook_results=answers, now=self.clock()))
@@ -386,21 +431,26 @@ class Engine:
         if not ops:
             self._observe(obj, before)
             return False
-        if not self.is_leader():
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if not self.owns(ns, name):  # the Lease (of the route's shard) is not held, or no longer
             log.warning("not_leader_skipping_patch")
             return False
         t0 = time.perf_counter()
-        await self.routes.patch(obj, ops)
+        sent = self.clock()
+        written = await self.routes.patch(obj, ops)
         self.metrics.patch_seconds.observe(time.perf_counter() - t0)
+        late = self._step_delay(before, d.state, (self._analysed.pop((ns, name), None), sent, self.clock()))
+        self._written[(ns, name)] = written["metadata"]["resourceVersion"]
         self.metrics.patches.inc()
-        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         st = d.state or before
         log.info(
             "route_patched",
+            resource_version=written["metadata"]["resourceVersion"],  # which write is whose, in etcd's history
             step=st.step if st else None,
             phase=st.phase.value if st else None,
             canary_weight=d.canary_pct,
             events=[e.reason for e in d.events],
+            **late,
         )
         for e in d.events:
             if e.reason == "WeightsOverwritten":
@@ -411,9 +461,34 @@ class Engine:
             if phase == Phase.ROLLED_BACK.value:
                 self.metrics.rollbacks.labels(ns, name).inc()
         self._observe(obj, st)
-        for e in d.events:
-            self.events.submit(obj, e)
+        event = coalesce(d.events)  # one Event per write, however many the decision named
+        if event is not None:
+            self.events.submit(obj, event)
         return True
+
+    def _step_delay(
+        self,
+        before: RolloutState | None,
+        after: RolloutState | None,
+        times: tuple[datetime | None, datetime, datetime],
+    ) -> dict[str, float]:
+        """For a write that takes a scheduled step (moves the step or the phase of a state that planned
+        ``next_at``): how late, after ``next_at``, its analysis answered (when it had one), its patch was
+        sent and the apiserver acknowledged it; {} for any other write. Due -> sent is the daemon's share
+        (waking, the analysis round, deciding); sent -> acknowledged the apiserver's (and our queue to it)."""
+        if before is None or after is None or (before.step, before.phase) == (after.step, after.phase):
+            return {}
+        due = parse_ts(before.next_at)
+        analysed, sent, acked = times
+        if due is None or sent < due:  # taken early (an intent): not a delay
+            return {}
+        out: dict[str, float] = {}
+        for stage, at in (("analysed", analysed), ("sent", sent), ("acknowledged", acked)):
+            if at is not None and at >= due:
+                late = (at - due).total_seconds()
+                self.metrics.step_delay.labels(stage).observe(late)
+                out[f"due_to_{stage}_s"] = round(late, 4)
+        return out
 
     def _observe(self, obj: dict[str, Any], st: RolloutState | None) -> None:
         if st is None:

@@ -25,6 +25,7 @@ from prometheus_client import (
 from canaryd.core.state import AnalysisRecord, Phase
 
 ROLES = ("canary", "stable")
+STEP_DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Metrics:
     analysis: Counter
     reconcile_seconds: Histogram
     patch_seconds: Histogram
+    step_delay: Histogram
     last_transition: Gauge
     leader: Gauge
     patches: Counter
@@ -70,13 +72,21 @@ class Metrics:
             analysis=Counter("canaryd_analysis", "Analysis verdicts", ["verdict", "signal"], registry=r),
             reconcile_seconds=Histogram("canaryd_reconcile_seconds", "Time to reconcile one route", registry=r),
             patch_seconds=Histogram("canaryd_patch_seconds", "Time of one route patch", registry=r),
+            step_delay=Histogram(
+                "canaryd_step_delay_seconds",
+                "How late a scheduled step was, from the state's next_at: stage=analysed (its last analysis round "
+                "answered), sent (its patch sent: the daemon's share) or acknowledged (the apiserver answered)",
+                ["stage"],
+                buckets=STEP_DELAY_BUCKETS,
+                registry=r,
+            ),
             last_transition=Gauge(
                 "canaryd_rollout_last_transition_timestamp_seconds",
                 "Unix time of the last transition",
                 ["namespace", "route"],
                 registry=r,
             ),
-            leader=Gauge("canaryd_leader", "1 when this replica leads", registry=r),
+            leader=Gauge("canaryd_leader", "Leases held: 1 when leading; with shards, shards held", registry=r),
             patches=Counter("canaryd_route_patches", "Route patches written", registry=r),
             overwrites=Counter(
                 "canaryd_weight_overwrites",

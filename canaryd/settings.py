@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from canaryd.core.shards import MAX_SHARDS
 from canaryd.core.spec import RolloutDefaults
 from canaryd.hooks.config import HooksSettings
 
@@ -59,6 +60,10 @@ class Settings(BaseSettings):
     lease_namespace: str = "default"
     lease_duration_s: float = 15.0
     lease_renew_s: float = 5.0
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS)
+    """Split the routes into this many shards, each driven by whoever holds its Lease
+    (``<lease_name>-shard-<i>``; with 1, the one Lease ``lease_name``). Every replica must use the
+    same number (docs/architecture.md, "Shards")."""
     identity: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "") or f"canaryd-{os.getpid()}")
     http_port: int = 8080
     http_host: str = "0.0.0.0"

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -27,6 +28,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster)")
     p.add_argument("--context", help="kubeconfig context")
     p.add_argument("--no-leader-election", action="store_true", help="act without a Lease (single replica)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="split the routes into N shards, one Lease each; run N or more replicas with the same N (CANARYD_SHARDS)",
+    )
     p.add_argument("--http-port", type=int, help="port for /metrics, /healthz, /readyz")
     p.set_defaults(func=_run)
 
@@ -41,7 +48,14 @@ def _run(args: argparse.Namespace) -> int:
         overrides["leader_election"] = False
     if args.http_port is not None:
         overrides["http_port"] = args.http_port
+    if args.shards is not None:
+        overrides["shards"] = args.shards
     settings = Settings(**overrides)
+    if settings.shards > 1 and not settings.leader_election:
+        raise CanarydError(
+            f"--shards {settings.shards} needs leader election (one Lease per shard decides who drives which "
+            "routes); drop --no-leader-election, or run one replica without --shards"
+        )
     return asyncio.run(run_daemon(settings))
 
 
@@ -63,32 +77,19 @@ async def run_daemon(settings: Settings) -> int:
 
 async def _serve_and_run(api: Any, settings: Settings, stack: contextlib.AsyncExitStack) -> int:
     from canaryd.engine import Engine
-    from canaryd.kube.leader import LeaderElector
     from canaryd.observability import Metrics, serve
 
     log = structlog.get_logger("canaryd")
     metrics = Metrics.create()
     analyzer = _analyzer(settings)
     stack.push_async_callback(_close_quietly, analyzer)
-    elector = (
-        LeaderElector(
-            api,
-            name=settings.lease_name,
-            namespace=settings.lease_namespace,
-            identity=settings.identity,
-            duration_s=settings.lease_duration_s,
-            renew_s=settings.lease_renew_s,
-            on_change=lambda leading: metrics.leader.set(1 if leading else 0),
-        )
-        if settings.leader_election
-        else None
-    )
+    election = _election(api, settings, metrics, lambda: engine)
     engine = Engine(
         api,
         settings,
         analyzer=analyzer,
         metrics=metrics,
-        is_leader=(lambda: elector.is_leader) if elector else (lambda: True),
+        owns=election.owns if election else (lambda namespace, name: True),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -101,7 +102,7 @@ async def _serve_and_run(api: Any, settings: Settings, stack: contextlib.AsyncEx
             metrics,
             settings.http_host,
             settings.http_port,
-            ready=lambda: engine.synced or (elector is not None and not elector.is_leader),
+            ready=lambda: engine.synced or (election is not None and not election.held()),
         )
     except OSError as exc:
         why = os.strerror(exc.errno).lower() if exc.errno else str(exc)  # not asyncio's "error while attempting..."
@@ -115,21 +116,22 @@ async def _serve_and_run(api: Any, settings: Settings, stack: contextlib.AsyncEx
         identity=settings.identity,
         http_port=settings.http_port,
         leader_election=settings.leader_election,
+        shards=settings.shards,
+        own_shard=election.preferred if election else None,
         namespaces=settings.namespaces or "all",
     )
     rc = 0
     tasks: list[asyncio.Task[Any]] = []
     try:
-        if elector is not None:
-            tasks.append(asyncio.create_task(elector.run(), name="leader"))
-            waiter = asyncio.create_task(elector.elected.wait())
+        if election is not None:
+            tasks.append(asyncio.create_task(election.run(), name="leader"))
+            waiter = asyncio.create_task(election.elected.wait())
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stopper.cancel()
             if stop.is_set():
                 return 0
-            metrics.leader.set(1)
         engine_task = asyncio.create_task(engine.run(), name="engine")
         tasks.append(engine_task)
         rc = await _supervise([t for t in tasks if t is engine_task or t.get_name() == "leader"], stop)
@@ -140,8 +142,8 @@ async def _serve_and_run(api: Any, settings: Settings, stack: contextlib.AsyncEx
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         metrics.leader.set(0)
-        if elector is not None:
-            await elector.release()
+        if election is not None:
+            await election.release()
         log.info("stopped", rc=rc)
     return rc
 
@@ -163,6 +165,32 @@ async def _supervise(roots: list[asyncio.Task[Any]], stop: asyncio.Event) -> int
         exc = None if t.cancelled() else t.exception()
         log.error("root_task_ended", task=t.get_name(), error=repr(exc) if exc else "returned", exc_info=exc)
     return 1 if ended else 0
+
+
+def _election(api: Any, settings: Settings, metrics: Any, engine: Callable[[], Any]) -> Any:
+    """The Leases: one (``lease_name``) or one per shard; None without leader election. ``canaryd_leader``
+    counts the shards held (0/1 without shards); a shard gained or lost makes the engine reassess its
+    routes at once (``engine`` is looked up late: it is built with this election's ``owns``)."""
+    from canaryd.kube.leader import ShardElection
+
+    if not settings.leader_election:
+        return None
+
+    def changed(_shard: int, _leading: bool) -> None:
+        metrics.leader.set(len(election.held()))
+        engine().reassess()
+
+    election = ShardElection(
+        api,
+        base_name=settings.lease_name,
+        namespace=settings.lease_namespace,
+        identity=settings.identity,
+        shards=settings.shards,
+        duration_s=settings.lease_duration_s,
+        renew_s=settings.lease_renew_s,
+        on_change=changed,
+    )
+    return election
 
 
 def _analyzer(settings: Settings) -> Any:

@@ -5,33 +5,65 @@ Owns: client construction (kubeconfig or in-cluster), the error family's transla
 returning plain dicts (``canaryd.kube.api``), the route adapter (``canaryd.kube.routes``), Events
 and the Lease. Everything above it sees ``Api`` objects, dicts and ``canaryd.errors`` — never
 ``ApiException`` or generated models.
+
+The daemon's calls (lists, watches, route reads and patches, Events) go through ``Api.transport``
+(``canaryd.kube.transport``: JSON in and out); the library's lazy stand-ins (``canaryd.kube.lazy``)
+keep its generated API classes and models out of the process until something typed asks for one.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+# First, before anything imports kubernetes_asyncio (see canaryd.kube.lazy).
+from canaryd.kube import lazy
 
-import yaml
-from kubernetes_asyncio import client, config
+lazy.install()
 
-from canaryd import __version__
-from canaryd.errors import KubeError
+import os  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
+
+import yaml  # noqa: E402
+from kubernetes_asyncio import config  # noqa: E402
+from kubernetes_asyncio.client.api_client import ApiClient  # noqa: E402
+from kubernetes_asyncio.client.configuration import Configuration  # noqa: E402
+
+from canaryd import __version__  # noqa: E402
+from canaryd.errors import KubeError  # noqa: E402
+from canaryd.kube.transport import Transport  # noqa: E402
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 GATEWAY_VERSION = "v1"
 HTTPROUTES = "httproutes"
 USER_AGENT = f"canaryd/{__version__}"
 
-Api = client.ApiClient
+
+class Api(ApiClient):
+    """kubernetes_asyncio's ApiClient (typed calls: the CLI, the Lease, tests) plus canaryd's own JSON
+    request path, ``transport``, which shares its configuration, auth and User-Agent."""
+
+    _transport: Transport | None = None
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:  # made on first use, inside the running loop
+            self._transport = Transport(self.configuration, self.default_headers, self._sign)
+        return self._transport
+
+    async def _sign(self, headers: dict[str, str]) -> None:
+        await self.update_params_for_auth(headers, [], ["BearerToken"])
+
+    async def close(self) -> None:
+        await super().close()
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
 
 
 async def new_client(kubeconfig: str | None = None, context: str | None = None) -> Api:
     """An ApiClient from ``kubeconfig``/``KUBECONFIG``/``~/.kube/config``, else in-cluster config."""
     path = kubeconfig or os.environ.get("KUBECONFIG")
     default = os.path.expanduser("~/.kube/config")  # noqa: ASYNC240 - once at start-up
-    cfg = client.Configuration()
+    cfg = Configuration()
     if path or os.path.exists(default):  # noqa: ASYNC240
         try:
             await config.load_kube_config(config_file=path or default, context=context, client_configuration=cfg)
@@ -52,7 +84,7 @@ async def new_client(kubeconfig: str | None = None, context: str | None = None) 
             "no kubeconfig found (KUBECONFIG, --kubeconfig, ~/.kube/config) and not "
             "running in a pod; point canaryd at a cluster"
         )
-    api = client.ApiClient(configuration=cfg)
+    api = Api(configuration=cfg)
     api.user_agent = USER_AGENT
     return api
 

@@ -1,28 +1,59 @@
 """Resource calls as plain dicts, each translated into ``canaryd.errors`` once.
 
 The engine, ``canaryd check`` and the CLI use these instead of the generated client classes, so the
-client library stays behind ``canaryd.kube`` and every caller gets the same error family.
+client library stays behind ``canaryd.kube`` and every caller gets the same error family. The daemon's
+calls (``request``: lists, watches, route reads and patches, Events) build the path here and send it
+through ``Api.transport``; none of them imports a generated API class or model.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Awaitable
-from typing import Any, Literal, TypeVar
+from collections.abc import Awaitable, Mapping
+from functools import partial
+from typing import Any, Literal, NoReturn, TypeVar
 
 from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import kube_config
 
 from canaryd.core.backends import SERVICE_NAME_LABEL
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, Api
 from canaryd.kube.errors import translate
-from canaryd.kube.informer import ListFn, raw
+from canaryd.kube.informer import ListFn
+from canaryd.kube.transport import Lane
 
 T = TypeVar("T")
 Kind = Literal["httproutes", "services", "endpointslices"]
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
+
+# The collection path of each kind, in one namespace ({ns}) or all.
+_PATHS: dict[str, tuple[str, str]] = {
+    "httproutes": (
+        f"/apis/{GATEWAY_GROUP}/{GATEWAY_VERSION}/namespaces/{{ns}}/{HTTPROUTES}",
+        f"/apis/{GATEWAY_GROUP}/{GATEWAY_VERSION}/{HTTPROUTES}",
+    ),
+    "services": ("/api/v1/namespaces/{ns}/services", "/api/v1/services"),
+    "endpointslices": (
+        "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ),
+}
+# The client's keyword arguments for list and watch, as the API's query parameters.
+_QUERY = {
+    "label_selector": "labelSelector",
+    "field_selector": "fieldSelector",
+    "resource_version": "resourceVersion",
+    "allow_watch_bookmarks": "allowWatchBookmarks",
+    "timeout_seconds": "timeoutSeconds",
+    "watch": "watch",
+    "field_manager": "fieldManager",
+    "limit": "limit",
+    "_continue": "continue",
+}
 
 
 async def call(what: str, coro: Awaitable[T]) -> T:
@@ -33,22 +64,72 @@ async def call(what: str, coro: Awaitable[T]) -> T:
         raise translate(exc, what) from exc
 
 
+def refused(status: int, reason: str | None, body: bytes) -> NoReturn:
+    """Raise what the library raises for a non-2xx answer, so ``translate`` reads it the same way."""
+    exc = ApiException(status=status, reason=reason)
+    exc.body = body
+    raise exc
+
+
+def query_of(params: Mapping[str, Any]) -> dict[str, str]:
+    """The client's keyword arguments (``label_selector=...``) as query parameters; unset ones left out."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = _QUERY.get(key)
+        if value is None or (name is None and key.startswith("_")):  # _preload_content: the client's own option
+            continue
+        if name is None:
+            raise TypeError(f"unexpected list/watch argument {key!r}")
+        out[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
+
+
+async def send(
+    api: Api,
+    method: str,
+    path: str,
+    *,
+    query: Mapping[str, str] | None = None,
+    body: Any = None,
+    content_type: str = "application/json",
+    read: bool = True,
+    lane: Lane = "requests",
+) -> Any:
+    """One call through ``api.transport``: the reply as a dict (read but not parsed, None, when ``read`` is False).
+    Failures are the library's and aiohttp's own exceptions, for the caller to ``translate`` with its ``what``."""
+    resp = await api.transport.send(method, path, query=query, body=body, content_type=content_type, lane=lane)
+    try:
+        data = await resp.read()  # read even when unused: a connection whose reply was not read is closed
+        if not 200 <= resp.status <= 299:
+            refused(resp.status, resp.reason, data)
+        return json.loads(data) if read else None
+    finally:
+        resp.release()
+
+
+async def request(api: Api, method: str, path: str, what: str, **kw: Any) -> Any:
+    """``send``, with any failure translated into the family (``what`` names the call)."""
+    return await call(what, send(api, method, path, **kw))
+
+
+async def _list(api: Api, path: str, **params: Any) -> Any:
+    """A list (a dict) or, with ``watch=True``, the open watch response (a stream of JSON lines)."""
+    query = query_of(params)
+    if not params.get("watch"):
+        return await send(api, "GET", path, query=query)
+    resp = await api.transport.send("GET", path, query=query, lane="watches")
+    if not 200 <= resp.status <= 299:  # e.g. 404 once the CRD is gone: not a stream of events
+        try:
+            refused(resp.status, resp.reason, await resp.read())
+        finally:
+            resp.release()
+    return resp
+
+
 def lister(api: Api, kind: Kind, namespace: str | None) -> tuple[ListFn, tuple[Any, ...]]:
-    """The raw list function (and its leading arguments) for an ``Informer`` of ``kind``."""
-    if kind == "httproutes":
-        co = client.CustomObjectsApi(api)
-        if namespace is None:
-            return raw(co.list_cluster_custom_object), (GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES)
-        return raw(co.list_namespaced_custom_object), (GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES)
-    if kind == "services":
-        core = client.CoreV1Api(api)
-        if namespace is None:
-            return raw(core.list_service_for_all_namespaces), ()
-        return raw(core.list_namespaced_service), (namespace,)
-    disc = client.DiscoveryV1Api(api)
-    if namespace is None:
-        return raw(disc.list_endpoint_slice_for_all_namespaces), ()
-    return raw(disc.list_namespaced_endpoint_slice), (namespace,)
+    """The list function (and its leading arguments) for an ``Informer`` of ``kind``."""
+    one, every = _PATHS[kind]
+    return partial(_list, api, one.format(ns=namespace) if namespace else every), ()
 
 
 async def list_objects(
@@ -66,12 +147,12 @@ async def list_objects(
     return list(out.get("items") or []), str(out["metadata"]["resourceVersion"])
 
 
+def route_path(namespace: str, name: str) -> str:
+    return _PATHS["httproutes"][0].format(ns=namespace) + f"/{name}"
+
+
 async def get_route(api: Api, namespace: str, name: str) -> dict[str, Any]:
-    co = client.CustomObjectsApi(api)
-    obj: dict[str, Any] = await call(
-        f"get httproute {namespace}/{name}",
-        co.get_namespaced_custom_object(GATEWAY_GROUP, GATEWAY_VERSION, namespace, HTTPROUTES, name),
-    )
+    obj: dict[str, Any] = await request(api, "GET", route_path(namespace, name), f"get httproute {namespace}/{name}")
     return obj
 
 
@@ -85,20 +166,14 @@ async def patch_route(
     content_type: str = JSON_PATCH,
 ) -> dict[str, Any]:
     """A JSON patch (ops) or a merge patch (a dict) of one HTTPRoute, under ``field_manager``."""
-    co = client.CustomObjectsApi(api)
-    options: dict[str, Any] = {"_content_type": content_type}  # a client option the typed signature leaves out
-    obj: dict[str, Any] = await call(
+    obj: dict[str, Any] = await request(
+        api,
+        "PATCH",
+        route_path(namespace, name),
         f"patch httproute {namespace}/{name}",
-        co.patch_namespaced_custom_object(
-            GATEWAY_GROUP,
-            GATEWAY_VERSION,
-            namespace,
-            HTTPROUTES,
-            name,
-            body,
-            field_manager=field_manager,
-            **options,
-        ),
+        query={"fieldManager": field_manager},
+        body=body,
+        content_type=content_type,
     )
     return obj
 

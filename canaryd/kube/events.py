@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from canaryd.core.decide import Event
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION
+from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, Api
+from canaryd.kube.api import send
 from canaryd.kube.errors import translate
 
 log = structlog.get_logger("canaryd.kube.events")
@@ -31,7 +30,7 @@ class EventRecorder:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: Api,
         component: str = "canaryd",
         instance: str = "",
         *,
@@ -39,7 +38,7 @@ class EventRecorder:
         senders: int = 4,
         field_manager: str = "canaryd",
     ) -> None:
-        self._core = client.CoreV1Api(api)
+        self._api = api
         self.component = component
         self.instance = instance
         self.field_manager = field_manager  # named on every write, not left to the apiserver's guess
@@ -86,40 +85,58 @@ class EventRecorder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(drain(), timeout_s)
 
-    async def emit(self, route: Mapping[str, Any], event: Event) -> None:
+    def body(self, route: Mapping[str, Any], event: Event) -> dict[str, Any]:
+        """A core/v1 Event on the route, as the apiserver reads it (what ``kubectl describe`` lists)."""
         meta = route["metadata"]
-        now = datetime.now(UTC)
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(name=f"{meta['name']}.{secrets.token_hex(8)}", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=f"{GATEWAY_GROUP}/{GATEWAY_VERSION}",
-                kind="HTTPRoute",
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion"),
-            ),
-            reason=event.reason,
-            message=event.message[:1024],
-            type=event.type,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            source=client.V1EventSource(component=self.component, host=self.instance or None),
-            reporting_component=self.component,
-            reporting_instance=self.instance or self.component,
-        )
-        try:
-            # The reply is not read: skip turning it into model objects (costly at scale).
-            resp: Any = await self._core.create_namespaced_event(
-                meta["namespace"], body, field_manager=self.field_manager, _preload_content=False
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        involved = {
+            "apiVersion": f"{GATEWAY_GROUP}/{GATEWAY_VERSION}",
+            "kind": "HTTPRoute",
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        }
+        source = {"component": self.component, "host": self.instance or None}
+        return {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}", "namespace": meta["namespace"]},
+            "involvedObject": {k: v for k, v in involved.items() if v is not None},
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "type": event.type,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {k: v for k, v in source.items() if v is not None},
+            "reportingComponent": self.component,
+            "reportingInstance": self.instance or self.component,
+        }
+
+    async def emit(self, route: Mapping[str, Any], event: Event) -> None:
+        ns = route["metadata"]["namespace"]
+        try:  # the reply is not read: nothing in it is needed
+            await send(
+                self._api,
+                "POST",
+                f"/api/v1/namespaces/{ns}/events",
+                query={"fieldManager": self.field_manager},
+                body=self.body(route, event),
+                read=False,
+                lane="events",
             )
-            try:
-                if not 200 <= resp.status <= 299:
-                    err = ApiException(status=resp.status, reason=resp.reason)
-                    err.body = await resp.read()
-                    log.warning("event_failed", reason=event.reason, error=str(translate(err, "create event")))
-            finally:
-                resp.release()
         except Exception as exc:
             log.warning("event_failed", reason=event.reason, error=str(translate(exc, "create event")))
+
+
+def coalesce(events: Sequence[Event]) -> Event | None:
+    """One Event for what one write did (a thousand routes stepping together make a thousand Events,
+    not two thousand): the reason of the first Warning, else of the first Event, and every message in
+    order, each after the first led by its own reason. None for no Events."""
+    if len(events) <= 1:
+        return events[0] if events else None
+    ordered = sorted(events, key=lambda e: e.type != "Warning")  # stable: Warnings first, else as decided
+    lead = ordered[0]
+    message = "; ".join([lead.message, *(f"{e.reason}: {e.message}" for e in ordered[1:])])
+    return Event(lead.type, lead.reason, message)

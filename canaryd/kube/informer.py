@@ -1,4 +1,4 @@
-"""The one watch primitive: list, then watch from the list's resourceVersion, relist on 410 or any failure.
+"""The one watch primitive: list (in pages), then watch from the list's resourceVersion, relist on 410 or any failure.
 
 One ``Informer`` per resource kind keeps ``{(namespace, name): object}`` current and calls
 ``on_change(key, obj_or_None)`` for every add/update/delete. It serves the engine, ``canaryd status
@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NoReturn
 
 import structlog
-from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from canaryd.errors import GoneError, KubeError, NotFoundError
@@ -38,18 +37,20 @@ ErrorPolicy = Literal["retry", "raise"]
 
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 15.0
+LIST_PAGE = 100  # objects per list request (a 410 on an expired continue token relists like any 410)
 
 
 def raw(fn: ListFn) -> ListFn:
-    """Wrap a list function so lists and watch events stay plain dicts (no model objects).
+    """Wrap a typed client's list function (``CoreV1Api.list_namespaced_config_map``) so lists and watch
+    events stay plain dicts (no model objects), as ``canaryd.kube.api.lister``'s functions are.
 
     Deserializing every EndpointSlice into generated models costs more CPU than the rest of
-    the controller; a wrapper without a docstring makes the Watch skip it.
+    the controller.
     """
 
     async def call(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("watch"):
-            resp = await fn(*args, **kwargs)
+            resp = await fn(*args, _preload_content=False, **kwargs)
             if not 200 <= resp.status <= 299:  # e.g. 404 once the CRD is gone: not a stream of events
                 _refused(resp, await _body(resp))
             return resp
@@ -127,8 +128,15 @@ class Informer:
 
     async def _relist(self) -> str:
         self.relists += 1
-        resp = _to_dict(await self._list(*self._args, **self._kwargs()))
-        fresh = {self._key(o): self._transform(_to_dict(o)) for o in resp.get("items", [])}
+        fresh: dict[Key, dict[str, Any]] = {}
+        token: str | None = None
+        while True:  # in pages: only one page's full objects are alive at a time, before ``transform``
+            page = {**self._kwargs(), "limit": LIST_PAGE, **({"_continue": token} if token else {})}
+            resp = _to_dict(await self._list(*self._args, **page))
+            fresh.update((self._key(o), self._transform(_to_dict(o))) for o in resp.get("items", []))
+            token = resp["metadata"].get("continue")
+            if not token:  # the last page's resourceVersion is the whole list's (one snapshot)
+                break
         for key in [k for k in self.cache if k not in fresh]:
             del self.cache[key]
             self._on_change(key, None)
@@ -142,39 +150,46 @@ class Informer:
 
     async def _watch(self, rv: str) -> str:
         """Stream events from ``rv`` until the server ends the watch; returns the last resourceVersion."""
-        w = watch.Watch()
+        resp = await self._list(
+            *self._args,
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self._timeout,
+            **self._kwargs(),
+        )
         try:
-            async for ev in w.stream(
-                self._list,
-                *self._args,
-                resource_version=rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self._timeout,
-                **self._kwargs(),
-            ):
-                if not isinstance(ev, dict):  # the client hands back a line it cannot parse as it is
-                    raise KubeError(f"watch {self.name}: the stream ended with {str(ev).strip()[:100]!r}, not an event")
-                kind = ev["type"]
-                obj = ev.get("raw_object") or _to_dict(ev["object"])
-                if kind == "ERROR":
-                    code = int(obj.get("code") or 500)
-                    if code == 410:
-                        raise GoneError(f"watch {self.name}: resourceVersion {rv} is too old", status=410)
-                    raise KubeError(f"watch {self.name}: {obj.get('message', 'watch error')}", status=code, body=obj)
-                rv = obj["metadata"].get("resourceVersion", rv)
-                if kind == "BOOKMARK":
-                    continue
-                obj = self._transform(obj)
-                key = self._key(obj)
-                if kind == "DELETED":
-                    self.cache.pop(key, None)
-                    self._on_change(key, None)
-                else:
-                    self.cache[key] = obj
-                    self._on_change(key, obj)
+            while line := await resp.content.readline():  # one JSON event per line; b"" when the server ends it
+                rv = self._event(line, rv)
             return rv
         finally:
-            await w.close()  # each Watch owns an ApiClient (and an HTTP session)
+            resp.release()
+
+    def _event(self, line: bytes, rv: str) -> str:
+        """Apply one watch event to the cache; returns the resourceVersion to resume from."""
+        try:
+            ev = json.loads(line)
+            kind, obj = ev["type"], _to_dict(ev["object"])
+        except (ValueError, KeyError, TypeError):  # a truncated or foreign line: relist rather than guess
+            text = line.decode(errors="replace").strip()[:100]
+            raise KubeError(f"watch {self.name}: the stream ended with {text!r}, not an event") from None
+        if kind == "ERROR":
+            code = int(obj.get("code") or 500)
+            if code == 410:
+                raise GoneError(f"watch {self.name}: resourceVersion {rv} is too old", status=410)
+            raise KubeError(f"watch {self.name}: {obj.get('message', 'watch error')}", status=code, body=obj)
+        rv = str(obj.get("metadata", {}).get("resourceVersion", rv))
+        if kind == "BOOKMARK":
+            return rv
+        obj = self._transform(obj)
+        key = self._key(obj)
+        if kind == "DELETED":
+            self.cache.pop(key, None)
+            self._on_change(key, None)
+        else:
+            self.cache[key] = obj
+            self._on_change(key, obj)
+        return rv
 
     async def run(self) -> None:
         """Keep the cache current until cancelled (policy ``retry``) or the first failure (``raise``)."""

@@ -189,6 +189,7 @@ class RouteRecorder:
     namespace: str
     history: dict[str, list[Seen]] = field(default_factory=dict)
     on_seen: Callable[[str, Seen], None] | None = None
+    weight_of: Callable[[dict[str, Any]], int | None] = canary_weight  # which backendRef is "the canary"
     _task: asyncio.Task[None] | None = None
     _informer: Informer | None = None
 
@@ -197,7 +198,7 @@ class RouteRecorder:
             return
         a = obj["metadata"].get("annotations") or {}
         state = json.loads(a[ann.STATE]) if ann.STATE in a else None
-        seen = Seen(time.time(), obj["metadata"]["resourceVersion"], canary_weight(obj), state)
+        seen = Seen(time.time(), obj["metadata"]["resourceVersion"], self.weight_of(obj), state)
         runs = self.history.setdefault(key[1], [])
         if runs and runs[-1].resource_version == seen.resource_version:
             return
@@ -315,6 +316,57 @@ def prom_text_value(text: str, name: str, labels: dict[str, str] | None = None) 
     return total
 
 
+def prom_histogram(text: str, name: str, labels: dict[str, str] | None = None) -> dict[str, float]:
+    """The cumulative buckets of histogram ``name`` (``{le: count}``, "+Inf" included) for ``labels``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(f"{name}_bucket{{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        lbl = head.partition("{")[2]
+        if labels and not all(f'{k}="{v}"' in lbl for k, v in labels.items()):
+            continue
+        le = lbl.split('le="', 1)[1].split('"', 1)[0]
+        out[le] = out.get(le, 0.0) + float(value)
+    return out
+
+
+def share_within(buckets: dict[str, float], le: str) -> float | None:
+    """Share of a histogram's observations at or under the bucket bound ``le`` (None when empty)."""
+    total = buckets.get("+Inf", 0.0)
+    return None if not total else round(buckets.get(le, 0.0) / total, 4)
+
+
+def log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of one ``event`` in a daemon's log (other lines are skipped)."""
+    out: list[dict[str, Any]] = []
+    with open(path, "rb") as f:
+        for raw in f:
+            if f'"{event}"'.encode() not in raw:
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if line.get("event") == event:
+                out.append(line)
+    return out
+
+
+async def event_reasons(api: client.ApiClient, namespace: str) -> dict[str, int]:
+    """core/v1 Events in ``namespace`` by reason (what ``kubectl describe`` would list)."""
+    core: Any = client.CoreV1Api(api)
+    resp = await core.list_namespaced_event(namespace, _preload_content=False)
+    try:
+        items = json.loads(await resp.read()).get("items") or []
+    finally:
+        resp.release()
+    out: dict[str, int] = {}
+    for ev in items:
+        out[ev.get("reason", "")] = out.get(ev.get("reason", ""), 0) + 1
+    return out
+
+
 def http_get(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         body: bytes = r.read()
@@ -332,15 +384,21 @@ class Daemon:
         log_path: Path,
         *,
         profile_to: Path | None = None,
+        memtrace_to: Path | None = None,
         env: dict[str, str] | None = None,
+        python: str | None = None,
     ) -> None:
         self.port = free_port()
         self.log_path = log_path
         self.profile_to = profile_to
-        argv = [sys.executable]
+        argv = [python or sys.executable]  # another interpreter: e.g. a venv with only canaryd's own dependencies
         if profile_to is not None:
-            argv += ["-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(profile_to)]
-        argv += ["-m", "canaryd", "run", "--no-leader-election", "--kubeconfig", kubeconfig]
+            argv += ["-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(profile_to), "-m", "canaryd"]
+        elif memtrace_to is not None:
+            argv += ["-m", "devkit.bench.memtrace", str(memtrace_to), "--"]
+        else:
+            argv += ["-m", "canaryd"]
+        argv += ["run", "--no-leader-election", "--kubeconfig", kubeconfig]
         full_env = {
             **os.environ,
             "CANARYD_NAMESPACES": json.dumps([namespace]),

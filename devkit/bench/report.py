@@ -106,7 +106,35 @@ def render(r: dict[str, Any]) -> str:
                 f"| {_f(s['prometheus_queries_per_round'], digits=1)} |"
             )
         out.append("")
+        out += _delays(rows)
     return "\n".join(out)
+
+
+def _delays(rows: list[dict[str, Any]]) -> list[str]:
+    """Where a step's delay goes, from the daemon's own log (results from before issue 15 have none)."""
+    rows = [s for s in rows if (s.get("due_to_sent_seconds") or {}).get("n")]
+    if not rows:
+        return []
+    out = [
+        "### Step delay: the daemon's share and the apiserver's (from each step's `next_at`)",
+        "",
+        "| routes | measured to | p50 | p95 | p99 | max | Events per step per route |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in rows:
+        for key, what in (
+            ("due_to_analysed_seconds", "its last analysis answered (Prometheus)"),
+            ("due_to_sent_seconds", "its patch sent (the daemon's share)"),
+            ("due_to_acknowledged_seconds", "the apiserver's answer"),
+            ("step_jitter_seconds", "the bench's watch seeing it"),
+        ):
+            x = s.get(key) or {}
+            if not x.get("n"):
+                continue
+            events = _f(s.get("events_per_step_per_route"), digits=2) if key == "step_jitter_seconds" else ""
+            out.append(f"| {s['routes']} | {what} | " + " | ".join(_q(x)) + f" | {events} |")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,8 @@ async def run(
     out: Path,
     keep: bool = False,
     daemon_env: dict[str, str] | None = None,
+    memtrace_dir: Path | None = None,
+    daemon_python: str | None = None,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"canaryd-bench-{name}-"))
     started = time.monotonic()
@@ -121,6 +123,8 @@ async def run(
                 work=work,
                 pids=pids,
                 daemon_env=dict(daemon_env or {}),
+                memtrace_dir=memtrace_dir,
+                daemon_python=daemon_python,
             )
             if daemon_env:
                 result["daemon_env"] = dict(daemon_env)
@@ -183,6 +187,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="extra environment for the scale daemons, e.g. CANARYD_PROMETHEUS__BATCH_WINDOW_S=0.5",
     )
+    p.add_argument(
+        "--tracemalloc",
+        type=Path,
+        metavar="DIR",
+        help="run the scale daemons under tracemalloc (devkit.bench.memtrace); DIR/tracemalloc-<routes>.txt",
+    )
+    p.add_argument(
+        "--daemon-python",
+        metavar="PATH",
+        help="interpreter for the scale daemons, e.g. a venv with `pip install .` only (as in the image)",
+    )
     args = p.parse_args(argv)
     name = "smoke" if args.smoke else "full"
     sizes = SMOKE if args.smoke else FULL
@@ -193,7 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     daemon_env = dict(kv.split("=", 1) for kv in args.daemon_env)
     phases = tuple(args.only) if args.only else PHASES
     out = args.out or RESULTS / f"{name}.json"
-    result = asyncio.run(run(name, sizes, phases, out, keep=args.keep, daemon_env=daemon_env))
+    if args.tracemalloc:
+        args.tracemalloc.mkdir(parents=True, exist_ok=True)
+    result = asyncio.run(
+        run(
+            name,
+            sizes,
+            phases,
+            out,
+            keep=args.keep,
+            daemon_env=daemon_env,
+            memtrace_dir=args.tracemalloc,
+            daemon_python=args.daemon_python,
+        )
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} in {result['seconds']}s", flush=True)

@@ -23,9 +23,13 @@ from devkit.bench.harness import (
     cluster_name,
     create_apps,
     create_namespace,
+    event_reasons,
     http_get,
+    log_events,
     pid_cpu_seconds,
+    prom_histogram,
     prom_text_value,
+    share_within,
     step_jitter,
     step_writes,
     summary,
@@ -43,6 +47,8 @@ class Env:
     work: Path
     pids: dict[str, int] = field(default_factory=dict)  # etcd, kube-apiserver, prometheus, bench
     daemon_env: dict[str, str] = field(default_factory=dict)  # extra CANARYD_* for the scale daemons
+    memtrace_dir: Path | None = None  # run the scale daemons under tracemalloc, reports here
+    daemon_python: str | None = None  # the scale daemons' interpreter (default: the bench's own)
 
 
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
@@ -242,6 +248,24 @@ async def rollback(  # noqa: C901 - a bench scenario script, read top to bottom
     }
 
 
+def _own_delay(log_path: Path, metrics: str) -> dict[str, Any]:
+    """The daemon's own account of each step write (``route_patched``'s ``due_to_*`` fields, exact) and its
+    ``canaryd_step_delay_seconds`` histogram (share within 1 s), from the step's ``next_at`` to: its last
+    analysis answering (Prometheus), its patch sent (the daemon's share), the apiserver acknowledging it.
+    ``step_jitter_seconds`` (the bench's watch) adds the apiserver's watch fan-out to the recorder."""
+    lines = log_events(log_path, "route_patched")
+    out: dict[str, Any] = {}
+    for stage in ("analysed", "sent", "acknowledged"):
+        key = f"due_to_{stage}_s"
+        out[f"due_to_{stage}_seconds"] = summary([x[key] for x in lines if key in x], 3)
+        buckets = prom_histogram(metrics, "canaryd_step_delay_seconds", {"stage": stage})
+        out[f"step_delay_histogram_{stage}"] = {
+            "count": buckets.get("+Inf", 0.0),
+            "share_within_1s": share_within(buckets, "1.0"),
+        }
+    return out
+
+
 def _integrate(segments: list[tuple[float, float]], t0: float, t1: float) -> float:
     """Requests sent to the canary between t0 and t1 given (since, rps) segments."""
     total = 0.0
@@ -292,6 +316,8 @@ async def scale(
         env.prometheus.url,
         env.work / f"canaryd-{ns}.log",
         profile_to=profile_to,
+        memtrace_to=None if env.memtrace_dir is None else env.memtrace_dir / f"tracemalloc-{routes}.txt",
+        python=env.daemon_python,
         env=env.daemon_env or None,
     )
     try:
@@ -320,6 +346,7 @@ async def scale(
         for c in clusters:
             exp.remove_backend(c)
     q1 = prometheus_queries(env.prometheus)
+    events = await event_reasons(env.api, ns)  # after the daemon's shutdown flush
 
     jitter: list[float] = []
     writes = moves = 0
@@ -337,6 +364,10 @@ async def scale(
     queries = q1 - q0
     rounds_per_route = rounds / routes
     return {
+        **_own_delay(daemon.log_path, metrics),
+        "events_created": sum(events.values()),
+        "events_by_reason": events,
+        "events_per_step_per_route": round(sum(events.values()) / moves, 3) if moves else None,
         "routes": routes,
         "all_promoted": not timed_out,
         "interval_s": interval_s,
@@ -358,6 +389,7 @@ async def scale(
         "prometheus_queries_per_round": round(queries / rounds_per_route, 2) if rounds_per_route else None,
         "profile": str(profile_to) if profile_to else None,
         "daemon_env": dict(env.daemon_env),
+        "daemon_python": env.daemon_python,
         # CPU seconds the rest of the machine spent over the same span as the daemon's figures
         # (the bench process includes the exporter rendering every cluster each scrape).
         "other_cpu_seconds": {k: round(others1[k] - v, 2) for k, v in others0.items() if k in others1},

@@ -28,13 +28,18 @@ Invariants (each violation names the route, the revision and the reason):
    bad one is never Promoted, and each route ends in the phase its scenario expects;
 7. ``final_foreign``: the final foreign part is exactly what the editor last wrote (or what was
    created, if no edit of that route landed).
+
+With shards (``check_shard_writes``), one more, over the shard Leases' revisions as well:
+
+8. ``write_outside_tenure``: the replica that wrote a route revision (its ``route_patched`` line names
+   the ``resource_version``) was the holder etcd recorded for the route's shard Lease at that revision.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,3 +308,64 @@ def check_log_steps(route: str, weights: Sequence[int]) -> list[Violation]:
             out.append(Violation(route, None, "log_step_repeated", f"route_patched weights {list(weights)}"))
             break
     return out
+
+
+# --- shards: one writer per route at any time ------------------------------------------------------
+@dataclass
+class ShardReport:
+    """Who wrote each route, and whether each write fell inside the writer's tenure of the route's shard."""
+
+    writes: int = 0
+    writers: dict[str, list[str]] = field(default_factory=dict)  # route -> writers, one entry per change of writer
+    unattributed: list[tuple[str, int]] = field(default_factory=list)  # (route, revision) no log line claims
+    tenures: dict[int, list[tuple[int, str | None]]] = field(default_factory=dict)  # shard -> (revision, holder)
+    violations: list[Violation] = field(default_factory=list)
+
+
+def holder_at(tenure: Sequence[tuple[int, str | None]], revision: int) -> str | None:
+    """The Lease's holder as etcd held it at ``revision`` (its newest revision at or before it)."""
+    holder = None
+    for rev, who in tenure:
+        if rev > revision:
+            break
+        holder = who
+    return holder
+
+
+def check_shard_writes(
+    routes: Mapping[str, tuple[int, Sequence[tuple[int, Mapping[str, Any]]]]],
+    leases: Mapping[int, Sequence[tuple[int, Mapping[str, Any]]]],
+    written_by: Mapping[int, str],
+    foreign: Collection[int] = (),
+) -> ShardReport:
+    """Every revision of every route after its creation is canaryd's, claimed by exactly one replica's
+    ``route_patched`` log line (its ``resource_version`` is the revision etcd stored), and etcd held that
+    replica as the holder of the route's shard Lease at that revision. etcd's revisions are one total
+    order over routes and Leases alike, so "holder at the revision" needs no clock: a write outside its
+    writer's tenure — two replicas driving one route — is a violation.
+
+    ``routes``: route -> (shard, [(mod_revision, stored object)] oldest first); ``leases``: shard ->
+    [(mod_revision, stored Lease)] oldest first; ``written_by``: revision -> identity, from the logs;
+    ``foreign``: revisions someone else wrote (the chaos editor's), skipped. A revision no log claims is
+    listed in ``unattributed`` (a replica SIGKILLed between its patch and its log line leaves one), not
+    judged."""
+    rep = ShardReport()
+    for shard, revs in leases.items():
+        rep.tenures[shard] = [(rev, (obj.get("spec") or {}).get("holderIdentity")) for rev, obj in revs]
+    for route, (shard, revs) in routes.items():
+        chain: list[str] = []
+        for rev, _obj in revs[1:]:
+            if rev in foreign:
+                continue
+            rep.writes += 1
+            writer = written_by.get(rev)
+            holder = holder_at(rep.tenures.get(shard, []), rev)
+            if writer is None:
+                rep.unattributed.append((route, rev))
+            elif writer != holder:
+                detail = f"written by {writer} while etcd held {holder or 'nobody'} as shard {shard}'s holder"
+                rep.violations.append(Violation(route, rev, "write_outside_tenure", detail))
+            if writer is not None and (not chain or chain[-1] != writer):
+                chain.append(writer)
+        rep.writers[route] = chain
+    return rep

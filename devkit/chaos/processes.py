@@ -156,6 +156,7 @@ class Replica:
     log_dir: Path
     lease_s: float = 6.0
     renew_s: float = 1.0
+    shards: int = 1  # with more, the slot is the replica's own shard (its identity ends with it)
     incarnation: int = 0
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
@@ -169,7 +170,10 @@ class Replica:
         if self.alive:
             raise DevstackError(f"{self.identity} still runs; kill it before starting another incarnation")
         self.incarnation += 1
-        self.identity = f"canaryd-{self.slot}-{self.incarnation}"
+        # A new identity per incarnation, like a Deployment's pods; with shards it ends with the slot, the
+        # replica's own shard (canaryd.core.shards.preferred_shard reads the trailing ordinal).
+        n, slot = self.incarnation, self.slot
+        self.identity = f"canaryd-{slot}-{n}" if self.shards == 1 else f"canaryd-i{n}-{slot}"
         self.port = free_port()
         log_path = self.log_dir / f"{self.identity}.log"
         self.logs.append(log_path)
@@ -180,6 +184,7 @@ class Replica:
             "CANARYD_LEASE_DURATION_S": str(self.lease_s),
             "CANARYD_LEASE_RENEW_S": str(self.renew_s),
             "CANARYD_LEADER_ELECTION": "true",
+            "CANARYD_SHARDS": str(self.shards),
             "CANARYD_IDENTITY": self.identity,
             "CANARYD_LOG_FORMAT": "json",
             "CANARYD_HTTP_HOST": "127.0.0.1",

@@ -40,13 +40,14 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from canaryd.core.shards import lease_name, lease_names, shard_of
 from canaryd.core.state import Phase, parse_ts
 from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
 from devkit.bench.harness import bounded, cluster_name, service_body, slice_body
 from devkit.bench.run import machine
 from devkit.chaos import invariants
 from devkit.chaos.editor import Editor
-from devkit.chaos.etcd_history import EtcdError, EtcdReader, HistoryCollector, route_key
+from devkit.chaos.etcd_history import EtcdError, EtcdReader, HistoryCollector, lease_key, route_key
 from devkit.chaos.invariants import Expectation, Violation, state_of
 from devkit.chaos.processes import Exit, Replica, StickyPrometheus
 from devkit.chaos.scenario import COMPONENTS, NAMESPACE, Kill, Plan, RouteSpec, make_plan
@@ -57,6 +58,7 @@ from devkit.devstack.exporter import MetricsExporter
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 EXPORTER_JOB = "chaos-exporter"
 TERMINAL = (Phase.PROMOTED.value, Phase.ROLLED_BACK.value, Phase.FAILED.value)
+LEASE = "canaryd-leader"  # the daemons' default lease_name
 EXIT_BLAME_S = 30.0  # a daemon exit this soon after a restart is blamed on that kill
 
 
@@ -106,6 +108,7 @@ class Chaos:
     healthz_failures: int = 0
     healthz_checks: int = 0
     chaos_started: float = 0.0
+    shards: int = 1
 
     # --- the daemon replicas -------------------------------------------------------------------
     async def monitor(self, stop: asyncio.Event) -> None:
@@ -140,7 +143,9 @@ class Chaos:
     async def leader_identity(self) -> str | None:
         coord = client.CoordinationV1Api(self.api)
         try:
-            lease = await coord.read_namespaced_lease("canaryd-leader", NAMESPACE, _request_timeout=3)
+            # With shards, "the leader" a kill may target is shard 0's holder.
+            name = lease_name(LEASE, 0, self.shards)
+            lease = await coord.read_namespaced_lease(name, NAMESPACE, _request_timeout=3)
         except Exception:
             return None
         return lease.spec.holder_identity if lease.spec else None
@@ -285,6 +290,9 @@ def _check(  # noqa: C901 - every check of the run, one after the other
                 patched.setdefault(str(ev.get("route")), []).append((at, weight))
     for route, writes in patched.items():
         violations += invariants.check_log_steps(route, [w for _, w in sorted(writes)])
+    shard_totals = _check_shards(plan, collector, editor, chaos) if chaos.shards > 1 else None
+    if shard_totals is not None:
+        violations += shard_totals.pop("violations")
     for ex in chaos.exits:
         if not ex.killed_by_chaos:
             b = blame(chaos, ex.at)
@@ -308,6 +316,7 @@ def _check(  # noqa: C901 - every check of the run, one after the other
         "edits_clobbered": sum(r.edits_clobbered for r in reports),
         "final_phases": dict(Counter(r.final_phase or "none" for r in reports)),
         "root_task_ended_lines": root_ended,
+        "shards": shard_totals,
         "log_warnings": dict(warnings.most_common()),
         "routes": {
             r.route: {"weights": r.weights, "phases": r.phases, "revisions": r.revisions, "final": r.final_phase}
@@ -315,6 +324,36 @@ def _check(  # noqa: C901 - every check of the run, one after the other
         },
     }
     return violations, totals
+
+
+def _check_shards(plan: Plan, collector: HistoryCollector, editor: Editor, chaos: Chaos) -> dict[str, Any]:
+    """Every canaryd revision of a route against the shard Leases' history (``check_shard_writes``): the
+    writer named by its ``route_patched`` line held the route's shard at that revision. The editor's
+    confirmed writes are skipped; a revision no line claims (a SIGKILL between a patch and its log line,
+    or an editor write whose answer was lost) is counted, not judged."""
+    written_by: dict[int, str] = {}
+    for r in chaos.replicas:
+        for ev in r.events():
+            if ev.get("event") == "route_patched" and ev.get("resource_version"):
+                written_by[int(ev["resource_version"])] = str(ev["_log"]).removesuffix(".log")  # <identity>.log
+    foreign = {a.result_rv for a in editor.attempts if a.outcome == "applied" and a.result_rv is not None}
+
+    def revs(key: str) -> list[tuple[int, dict[str, Any]]]:
+        h = collector.keys.get(key)
+        return [(x.mod_revision, x.obj) for x in h.ordered()] if h else []
+
+    routes = {
+        s.name: (shard_of(NAMESPACE, s.name, chaos.shards), revs(route_key(NAMESPACE, s.name))) for s in plan.routes
+    }
+    leases = {i: revs(lease_key(NAMESPACE, n)) for i, n in enumerate(lease_names(LEASE, chaos.shards))}
+    rep = invariants.check_shard_writes(routes, leases, written_by, foreign)
+    return {
+        "shards": chaos.shards,
+        "writes_checked": rep.writes,
+        "unattributed": len(rep.unattributed),
+        "lease_holders": {i: len({h for _, h in t}) for i, t in rep.tenures.items()},
+        "violations": rep.violations,
+    }
 
 
 def _exit_dict(chaos: Chaos, e: Exit) -> dict[str, Any]:
@@ -414,11 +453,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901 - one s
             raise RuntimeError("Prometheus never scraped the exporter")
         log(t0, f"control plane, Prometheus {prom.url} and {3 * len(plan.routes)} Services ready")
         replicas = [
-            Replica(slot, info.kubeconfig, NAMESPACE, prom.url, work, lease_s=args.lease, renew_s=1.0)
-            for slot in ("a", "b")
+            Replica(slot, info.kubeconfig, NAMESPACE, prom.url, work, lease_s=args.lease, shards=args.shards)
+            for slot in (("a", "b") if args.shards == 1 else [str(i) for i in range(max(2, args.shards))])
         ]
-        chaos = Chaos(plan, info, api, prom, replicas, t0)
+        chaos = Chaos(plan, info, api, prom, replicas, t0, shards=args.shards)
         collector = HistoryCollector(EtcdReader(info.etcd_url))
+        for name in lease_names(LEASE, args.shards):
+            collector.track(lease_key(NAMESPACE, name))
         rng = random.Random(args.seed + 1)
         routes = {s.name: s for s in plan.routes}
         editor = Editor(api, NAMESPACE, routes, rng, rate_hz=args.edit_rate)
@@ -433,7 +474,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901 - one s
         for r in replicas:
             r.start()
         chaos.chaos_started = time.monotonic()
-        log(t0, f"{len(upfront)} routes created, 2 replicas started; chaos window {args.window:g}s")
+        log(t0, f"{len(upfront)} routes created, {len(replicas)} replicas started; chaos window {args.window:g}s")
 
         async def creator() -> None:
             for s in later:
@@ -516,6 +557,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:  # noqa: C901 - one s
                 },
                 "revisions_checked": totals["revisions_checked"],
                 "canaryd_revisions": totals["canaryd_revisions"],
+                "shards": totals["shards"],
                 "etcd": {
                     "reads": collector.reader.requests,
                     "rounds": collector.rounds,
@@ -565,6 +607,11 @@ def summary(result: dict[str, Any]) -> str:
     )
     checked, by_canaryd = result.get("revisions_checked"), result.get("canaryd_revisions")
     lines.append(f"  revisions checked {checked} (canaryd wrote {by_canaryd})")
+    if sh := result.get("shards"):
+        lines.append(
+            f"  shards {sh['shards']}: {sh['writes_checked']} canaryd writes checked against the shard Leases, "
+            f"{sh['unattributed']} without a log line; holders per shard {sh['lease_holders']}"
+        )
     lines.append(f"  final phases {result.get('final_phases')}")
     exits = [x for x in result.get("daemon_exits") or [] if not x["killed_by_chaos"]]
     lines.append(f"  daemon exits not caused by a kill: {len(exits)}; final SIGTERM rc {result.get('daemon_final_rc')}")
@@ -586,6 +633,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=150.0, help="most seconds to wait for every route to finish")
     p.add_argument("--budget", type=float, default=480.0, help="hard limit for the whole run (seconds)")
     p.add_argument("--lease", type=float, default=6.0, help="daemon lease duration (seconds)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="run the daemons with --shards N (max(2, N) replicas) and check each write against the shard Leases",
+    )
     p.add_argument("--edit-rate", type=float, default=4.0, help="editor writes per second")
     p.add_argument("--collect-every", type=float, default=10.0, help="seconds between etcd history reads")
     p.add_argument("--quiet", type=float, default=4.0, help="seconds without edits before the final read")

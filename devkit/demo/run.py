@@ -60,7 +60,7 @@ from kubernetes_asyncio import client
 
 from canaryd.core.state import AnalysisRecord, Phase, RolloutState
 from canaryd.errors import CanarydError
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
+from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, Api, new_client
 from canaryd.kube.api import lister
 from canaryd.kube.informer import Informer
 from devkit.demo.dataplane import apply_local_daprd
@@ -338,7 +338,7 @@ def _view(route: Mapping[str, Any]) -> View:
 class RouteWatch:
     """Watches the demo route; keeps the latest object, prints progress, records weight changes."""
 
-    def __init__(self, api: client.ApiClient, namespace: str, t0: float, emit: Callable[[str], None]) -> None:
+    def __init__(self, api: Api, namespace: str, t0: float, emit: Callable[[str], None]) -> None:
         self.api = api
         self.namespace = namespace
         self.t0 = t0

@@ -22,6 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
+from canaryd.core.shards import lease_names
 from canaryd.core.spec import RolloutDefaults
 from canaryd.metrics.custom import TemplateStore, parse_templates
 from canaryd.settings import PrometheusSettings, Settings
@@ -86,6 +87,7 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "metric-templates": {"metricTemplates": {"templates": {"errors": TEMPLATE}}},
     "existing-templates": {"metricTemplates": {"existingConfigMap": "my-templates"}},
     "single-replica": {"replicaCount": 1, "leaderElection": {"enabled": False}},
+    "shards": {"shards": 4, "prometheusRule": {"enabled": True}},
     "all-on": {
         "serviceMonitor": {"enabled": True},
         "prometheusRule": {"enabled": True},
@@ -126,12 +128,19 @@ REJECTED: list[tuple[str, dict[str, Any], str]] = [
     ("bad-scrape-interval", {"serviceMonitor": {"enabled": True, "interval": "often"}}, "interval"),
     ("unknown-nested-key", {"prometheusRule": {"rollback": {"enabld": True}}}, "enabld"),
     ("replicas-without-leader-election", {"leaderElection": {"enabled": False}}, "replicaCount"),
+    ("no-shards", {"shards": 0}, "shards"),
+    ("too-many-shards", {"shards": 65}, "shards"),
 ]
 # Cross-field checks JSON schema cannot express: the templates `fail`, which `helm template`
 # (and install/upgrade) turn into errors; `helm lint` only reports them as [INFO].
 REJECTED_BY_TEMPLATE: list[tuple[str, dict[str, Any], str]] = [
     ("steps-not-increasing", {"defaults": {"steps": [50, 10, 100]}}, "defaults.steps must increase strictly"),
     ("renew-not-below-duration", {"leaderElection": {"leaseDurationSeconds": 5, "renewSeconds": 5}}, "renewSeconds"),
+    (
+        "shards-without-leader-election",
+        {"shards": 2, "replicaCount": 1, "leaderElection": {"enabled": False}},
+        "shards > 1 needs leaderElection.enabled=true",
+    ),
     (
         "watch-outside-rbac-namespaces",
         {"rbac": {"scope": "namespaced", "namespaces": ["a"]}, "watchNamespaces": ["b"]},
@@ -381,6 +390,20 @@ def test_lease_role_in_release_namespace_only(tmp_path: Path) -> None:
     assert env_of(docs)["CANARYD_LEASE_NAME"] == "canaryd-leader"
 
 
+def test_shards_replicas_leases_and_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(tmp_path, SWITCHES["shards"])
+    assert one(docs, "Deployment")["spec"]["replicas"] == 4  # at least one replica per shard
+    names = {n for rule in one(docs, "Role")["rules"] for n in rule.get("resourceNames", [])}
+    assert names == set(lease_names("canaryd-leader", 4)) == {f"canaryd-leader-shard-{i}" for i in range(4)}
+    s = load_settings_from_render(docs, tmp_path, monkeypatch=monkeypatch)
+    assert s.shards == 4 and s.lease_name == "canaryd-leader"
+    [alert] = [
+        r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"] if r["alert"] == "CanarydNoLeader"
+    ]
+    assert "< 4" in alert["expr"]  # every shard needs a holder
+    assert one(render(tmp_path, {"shards": 2, "replicaCount": 5}), "Deployment")["spec"]["replicas"] == 5
+
+
 def test_no_lease_role_without_leader_election(tmp_path: Path) -> None:
     docs = render(tmp_path, SWITCHES["single-replica"])
     assert "Role" not in kinds(docs) and "RoleBinding" not in kinds(docs)
@@ -447,6 +470,7 @@ def test_default_render_gives_default_settings(tmp_path: Path, monkeypatch: pyte
     assert s.lease_namespace == RELEASE_NS
     assert s.lease_name == "canaryd-leader"
     assert s.leader_election is True
+    assert s.shards == 1
     assert s.namespaces == []
     assert s.label_selector is None
     assert s.log_format == "json" and s.log_level == "info"

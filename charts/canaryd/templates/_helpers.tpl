@@ -67,6 +67,21 @@ app.kubernetes.io/part-of: canaryd
 {{- end }}
 {{- end }}
 
+{{/* The Lease names (canaryd.core.shards.lease_names): leaseName, or leaseName-shard-<i> per shard. JSON list. */}}
+{{- define "canaryd.leaseNames" -}}
+{{- $base := .Values.leaderElection.leaseName }}
+{{- $n := int .Values.shards }}
+{{- if le $n 1 }}
+{{- list $base | toJson }}
+{{- else }}
+{{- $names := list }}
+{{- range $i := until $n }}
+{{- $names = append $names (printf "%s-shard-%d" $base $i) }}
+{{- end }}
+{{- $names | toJson }}
+{{- end }}
+{{- end }}
+
 {{/* The settings file (config/canaryd.yaml format): structured settings from values. */}}
 {{- define "canaryd.settingsFile" -}}
 {{- $d := .Values.defaults }}
