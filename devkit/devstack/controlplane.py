@@ -214,7 +214,7 @@ def start_control_plane(directory: Path, *, bins: Binaries | None = None, timeou
             "--api-audiences",
             "https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range",
-            "10.0.0.0/24",
+            "10.0.0.0/16",  # a /24 runs out in one test session (every test's Services share it)
             "--allow-privileged=true",
             "--disable-admission-plugins",
             "ServiceAccount",

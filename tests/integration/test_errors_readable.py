@@ -201,7 +201,15 @@ async def test_daemon_survives_the_httproute_crd_going_away(
     assert d.proc.poll() is None, "the daemon died when the CRD went away"
 
     await asyncio.to_thread(own_stack.kubectl, "apply", "--server-side", "-f", str(crd_file))
-    await asyncio.to_thread(own_stack.kubectl, "wait", "--for", "condition=Established", "--timeout", "60s", "crd", CRD)
+
+    async def established() -> bool | None:
+        # Right after the apply the CRD has no status.conditions yet, and kubectl wait errors out then.
+        out = await asyncio.to_thread(
+            own_stack.kubectl, "get", "crd", CRD, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+        )
+        return True if out.strip() == "True" else None
+
+    await eventually(established, timeout=60, what="the re-created CRD Established")
     go = {ann.CANARY: "whoami-v2", ann.STEPS: "50,100", ann.INTERVAL: "1s"}
 
     async def created() -> bool:  # the apiserver serves the resource again a moment after Established
