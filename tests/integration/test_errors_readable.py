@@ -204,10 +204,9 @@ async def test_daemon_survives_the_httproute_crd_going_away(
 
     async def established() -> bool | None:
         # Right after the apply the CRD has no status.conditions yet, and kubectl wait errors out then.
-        out = await asyncio.to_thread(
-            own_stack.kubectl, "get", "crd", CRD, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}"
-        )
-        return True if out.strip() == "True" else None
+        crd = json.loads(await asyncio.to_thread(own_stack.kubectl, "get", "crd", CRD, "-o", "json"))
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        return True if any(c["type"] == "Established" and c["status"] == "True" for c in conditions) else None
 
     await eventually(established, timeout=60, what="the re-created CRD Established")
     go = {ann.CANARY: "whoami-v2", ann.STEPS: "50,100", ann.INTERVAL: "1s"}
