@@ -72,6 +72,8 @@ def argv(name: str, b: Binaries, info: StackInfo) -> list[str]:
             f"--manage-nodes-with-annotation-selector={NODE_ANNOTATION}=fake",
             f"--cidr={POD_CIDR}",
             f"--node-ip={NODE_IP}",
+            # Without a node Lease kwok renews nothing and the Node goes NotReady after ~50 s.
+            "--node-lease-duration-seconds=40",
         ]
     raise KeyError(name)
 
