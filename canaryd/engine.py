@@ -225,7 +225,10 @@ class Engine:
         for inf in self.informers:
             if inf.name.startswith("httproutes"):
                 for key, obj in list(inf.cache.items()):
-                    self._on_route(key, obj)
+                    w = self._workers.get(key)
+                    running = w is not None and w.task is not None and not w.task.done()
+                    if running != self.owns(*key):  # only where ownership changed: the others are left alone
+                        self._on_route(key, obj)
 
     # --- workers ---------------------------------------------------------------------------
     async def _work(self, key: Key, w: _Worker) -> None:

@@ -1,4 +1,4 @@
-"""canaryd's own requests to the apiserver: plain JSON in and out, on two aiohttp sessions.
+"""canaryd's own requests to the apiserver: plain JSON in and out, on three aiohttp sessions (lanes).
 
 kubernetes_asyncio still loads the kubeconfig or the in-cluster config (its ``Configuration``) and signs
 each request (``ApiClient.update_params_for_auth``: bearer tokens, refreshed for exec plugins and

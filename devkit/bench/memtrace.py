@@ -74,7 +74,8 @@ class Sampler:
             f"VmHWM {st.get('VmHWM', 0):.1f} MB, VmRSS {st.get('VmRSS', 0):.1f} MB",
         ]
         k8s = sorted(m for m in sys.modules if m.startswith("kubernetes_asyncio"))
-        lines.append(f"{len(sys.modules)} modules loaded, {len(k8s)} of kubernetes_asyncio: {', '.join(k8s)}")
+        shown = ", ".join(k8s) if len(k8s) <= 30 else ", ".join(k8s[:10]) + ", ..."
+        lines.append(f"{len(sys.modules)} modules loaded, {len(k8s)} of kubernetes_asyncio: {shown}")
         if self.best is not None:
             snap = self.best.filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
             stats = snap.statistics("traceback")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -228,6 +229,7 @@ class Side:
         self.marks: dict[str, float] = {}  # wall-clock phase boundaries
         self.cpu_marks: dict[str, dict[str, float]] = {}
         self.ready = True  # False when the controller never got ready for the rollouts
+        self.rec: RouteRecorder | None = None
 
     def names(self) -> list[str]:
         return [f"a{i:04d}" for i in range(self.n)]
@@ -487,6 +489,7 @@ def phase_result(side: Side, phase: str, timed_out: bool) -> dict[str, Any]:
         "outcomes": outcomes,
         "trigger_to_first_weight_s": summary([a.first_weight_at - a.triggered_at for a in apps if a.first_weight_at]),
         "trigger_to_end_s": summary([a.done_at - a.triggered_at for a in apps if a.done_at], 2),
+        "step_spacing_s": summary(step_spacing(side), 2),
     }
     if phase == "rollback":
         out["bad_error_ratio"] = BAD_ERROR_RATIO
@@ -494,6 +497,24 @@ def phase_result(side: Side, phase: str, timed_out: bool) -> dict[str, Any]:
             [a.rolled_back_at - a.bad_at for a in apps if a.rolled_back_at and a.bad_at], 3
         )
         out["rolled_back"] = sum(1 for a in apps if a.rolled_back_at)
+    return out
+
+
+def step_spacing(side: Side) -> list[float]:
+    """Seconds between successive increases of a canary's weight within its rollout: the interval
+    each controller actually keeps (10 s asked)."""
+    out: list[float] = []
+    for app in side.apps.values():
+        runs = side.rec.history.get(app.name, []) if side.rec is not None else []
+        end = app.done_at or float("inf")
+        last_w, last_at = 0, None
+        for s in runs:
+            if s.at < app.triggered_at or s.at > end or s.weight is None:
+                continue
+            if s.weight > last_w > 0 and last_at is not None:
+                out.append(s.at - last_at)
+            if s.weight != last_w:
+                last_w, last_at = s.weight, s.at
     return out
 
 
@@ -539,13 +560,16 @@ async def run_side(side: Side, result: dict[str, Any], baseline: float) -> None:
     t_setup = time.monotonic()
     await side.setup()
     result["setup_seconds"] = round(time.monotonic() - t_setup, 1)
-    rec = RouteRecorder(side.b.api, side.ns, on_seen=side.on_seen, weight_of=side.weight_of)
+    rec = side.rec = RouteRecorder(side.b.api, side.ns, on_seen=side.on_seen, weight_of=side.weight_of)
     await rec.start()
     try:
         await side.start()
         assert side.proc is not None
         result["argv"] = getattr(side.proc, "argv", ["canaryd", "run", "--no-leader-election"])
         for phase in PHASES if side.ready else ():
+            if any(result.get(p, {}).get("timed_out") for p in PHASES):
+                result[phase] = {"skipped": "an earlier phase timed out: its rollouts are still running"}
+                continue
             result[phase] = await run_phase(side, phase)
         side.mark("end")
         result["usage"] = side.proc.usage()
@@ -631,7 +655,7 @@ def ratios(c: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def run(sizes: list[int], keep: bool, out: Path) -> dict[str, Any]:
+async def run(sizes: list[int], keep: bool, out: Path, analysis: Analysis = ANALYSIS) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="canaryd-vs-flagger-"))
     started = time.monotonic()
     result: dict[str, Any] = {
@@ -641,10 +665,10 @@ async def run(sizes: list[int], keep: bool, out: Path) -> dict[str, Any]:
         "machine": machine(),
         "flagger_version": fl.version(),
         "analysis": {
-            "interval_s": ANALYSIS.interval_s,
-            "steps": ANALYSIS.steps,
-            "failure_threshold": ANALYSIS.threshold,
-            "success_rate_min": ANALYSIS.success_rate_min,
+            "interval_s": analysis.interval_s,
+            "steps": analysis.steps,
+            "failure_threshold": analysis.threshold,
+            "success_rate_min": analysis.success_rate_min,
             "rps_per_app": RPS,
             "flagger_query": fl.success_rate_query(),
         },
@@ -664,7 +688,7 @@ async def run(sizes: list[int], keep: bool, out: Path) -> dict[str, Any]:
         api = await new_client(info.kubeconfig)
         api.user_agent = audit.BENCH_AGENT
         try:
-            b = Bench(api, info, prom, exporter, audit.AuditLog(log), work, flagger_dir, ANALYSIS)
+            b = Bench(api, info, prom, exporter, audit.AuditLog(log), work, flagger_dir, analysis)
             b.pids = {**info.pids, "prometheus": prom.pid, "bench": os.getpid()}
             result["trigger_baseline"] = base = await trigger_baseline(b)
             for n in sizes:
@@ -700,10 +724,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,100,1000", help="concurrent rollouts per run, comma-separated")
     p.add_argument("--keep", action="store_true", help="keep the work dir (controller logs, audit log)")
     p.add_argument("--out", type=Path, default=RESULTS / "vs-flagger.json")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=ANALYSIS.interval_s,
+        help="seconds per step for both controllers (>= 10, Flagger's minimum)",
+    )
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = asyncio.run(run(sizes, args.keep, args.out))
+    if args.interval < 10:  # Flagger raises any shorter interval to 10 s (Canary.GetAnalysisInterval)
+        p.error("--interval below 10 s would not be equivalent: Flagger's shortest analysis interval is 10 s")
+    analysis = dataclasses.replace(ANALYSIS, interval_s=args.interval)
+    result = asyncio.run(run(sizes, args.keep, args.out, analysis))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} in {result['seconds']}s", flush=True)
     return 0
