@@ -481,11 +481,14 @@ VerdictRule = Callable[[_Run, RolloutState, RolloutSpec, str, bool], "tuple[Roll
 
 
 def _round_after(now: datetime, st: RolloutState, spec: RolloutSpec) -> datetime:
-    """The next round: one analysis interval on, but no later than the step's end (the last round is there)."""
+    """The next round: one analysis interval on, but no later than a step's end still ahead (the last round is there).
+
+    Never sooner than an interval: a round held past the step's end (a failure or an error below its limit)
+    would otherwise be re-run at once on the same Prometheus answer and count the same harm twice."""
     nxt = now + timedelta(seconds=spec.analysis.interval_s)
     step_end = parse_ts(st.next_at)
-    if step_end is not None and st.phase == Phase.PROGRESSING:
-        nxt = min(nxt, max(step_end, now))
+    if step_end is not None and step_end > now and st.phase == Phase.PROGRESSING:
+        nxt = min(nxt, step_end)
     return nxt
 
 

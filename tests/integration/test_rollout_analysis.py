@@ -98,6 +98,9 @@ async def test_erroring_canary_is_rolled_back_at_the_threshold(
         fails = [h for h in st.history if h.verdict == "fail"]
         # Rolled back on the round that reached the threshold, never passing a step on the way.
         assert len(fails) == 2 and st.step == 0 and "error rate" in st.message
+        # Two rounds, not one Prometheus answer counted twice: the second failure came an interval later.
+        first, second = (parse_ts(h.at) for h in fails)
+        assert first is not None and second is not None and (second - first).total_seconds() >= 4
         rb = await wait_events(api, namespace, "whoami", "RolledBack")
         assert rb and "%" in rb[0].message and "requests" in rb[0].message
 

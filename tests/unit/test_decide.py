@@ -168,3 +168,25 @@ def test_evidence_survives_a_restart_through_the_annotation() -> None:
     d2 = run(s, stored, T0 + timedelta(seconds=20), observations=more)
     assert d2.state is not None and d2.state.tallies["envoy"][0] == 10
     assert d2.state.counted_since == stored.counted_since == d.state.step_started_at
+
+
+def test_a_failure_at_the_steps_end_waits_an_interval_before_the_next_round() -> None:
+    """Regression: the round after a failing last round ran at once and counted the same answer twice."""
+    s = spec(analysis="envoy", interval="10s", analysis_interval="10s", failure_threshold="2")
+    state = run(s, None, T0).state
+    end = T0 + timedelta(seconds=10)
+    d = run(s, state, end, observations=j(Verdict.FAIL))
+    assert d.canary_pct is None and d.state is not None and d.state.failures == 1
+    assert d.wake_at == end + timedelta(seconds=10) and d.state.next_round_at is not None
+    assert not run(s, d.state, end).analyze  # not due again at the same instant
+    rb = run(s, d.state, end + timedelta(seconds=10), observations=j(Verdict.FAIL))
+    assert rb.canary_pct == 0 and rb.state is not None and rb.state.phase == Phase.ROLLED_BACK
+
+
+def test_an_error_at_the_steps_end_waits_an_interval_too() -> None:
+    s = spec(analysis="envoy", interval="10s", analysis_interval="10s", max_errors="2")
+    state = run(s, None, T0).state
+    end = T0 + timedelta(seconds=10)
+    d = run(s, state, end, observations=j(Verdict.ERROR))
+    assert d.state is not None and d.state.errors == 1 and d.wake_at == end + timedelta(seconds=10)
+    assert not run(s, d.state, end + timedelta(seconds=1)).analyze
