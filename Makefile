@@ -38,8 +38,11 @@ unit: venv
 integration: venv binaries prometheus
 	$(VENV)/bin/pytest -q tests/integration
 
+# Two workers (pytest-xdist), each with its own devstack and Prometheus; a file's tests stay on one worker.
+# TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: venv binaries prometheus lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=12 tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=12 -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: venv binaries prometheus
 	$(VENV)/bin/canaryd demo

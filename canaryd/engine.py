@@ -133,6 +133,7 @@ class Engine:
         self._refusals: dict[Key, int] = {}  # writes the apiserver refused as invalid, per route
         self._written: dict[Key, str] = {}  # the resourceVersion of our last write, per route, until its echo
         self._analysed: dict[Key, datetime] = {}  # when the route's last analysis answered
+        self._quiet: dict[Key, datetime] = {}  # when the route's last unwritten (quiet) round was judged
         self.catalog = hook_catalog(settings.hooks)
         self.hooks = HookRunner(settings.hooks, metrics_registry=self.metrics.registry)
         self.notifier = Notifier(settings.hooks, metrics_registry=self.metrics.registry)
@@ -263,6 +264,7 @@ class Engine:
                     del self._workers[key]
                     self._written.pop(key, None)
                     self._analysed.pop(key, None)
+                    self._quiet.pop(key, None)
                 self._wait_on(key, None)
 
     async def reconcile(self, obj: dict[str, Any]) -> datetime | None:
@@ -280,7 +282,10 @@ class Engine:
         ref = RouteRef(obj["metadata"]["namespace"], obj["metadata"]["name"])
         for _attempt in range(MAX_CONFLICT_RETRIES):
             adm = admit(obj, self, self.settings.defaults, self.clock(), self.catalog)
-            facts = dataclasses.replace(adm.facts, observations=observations, hook_results=answers)
+            quiet = self._quiet.get((ref.namespace, ref.name))
+            facts = dataclasses.replace(
+                adm.facts, observations=observations, hook_results=answers, quiet_round_at=quiet
+            )
             d = decide(facts)
             if d.analyze and adm.pair is not None and adm.spec is not None:
                 window = d.window_s or adm.spec.analysis.window_s
@@ -289,7 +294,9 @@ class Engine:
                 # Measuring takes time: decide (and schedule the next round) from when it ended.
                 facts = dataclasses.replace(facts, observations=observations, now=self.clock())
                 d = decide(facts)
-                self._log_round(ref, d, window)
+                self._log_round(ref, d, window, facts.state)
+                if d.quiet:  # nothing to write: remember the round so the next is an interval later
+                    self._quiet[(ref.namespace, ref.name)] = facts.now
             if d.call_hooks:
                 if not self.owns(ref.namespace, ref.name):  # a gate can start a smoke test: only the replica that acts
                     return self.clock() + timedelta(seconds=1)
@@ -404,19 +411,20 @@ class Engine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _log_round(self, ref: RouteRef, d: Decision, window_s: float) -> None:
-        """One canonical line per analysis round, from the records the decision added; the gauges show it."""
-        st = d.state
-        if st is None:
+    def _log_round(self, ref: RouteRef, d: Decision, window_s: float, before: RolloutState | None) -> None:
+        """One canonical line per analysis round (written or quiet), from the decision's records; the gauges show it."""
+        recs = list(d.records)
+        st = d.state or before
+        if not recs or st is None:
             return
-        recs = [r for r in st.history if r.at == st.updated_at]  # what this round recorded
         for r in recs:
             self.metrics.analysis.labels(r.verdict, r.signal).inc()
         self.metrics.set_analysis(ref.namespace, ref.name, recs, window_s)
         log.info(
             "analysis_round",
-            step=st.step,
+            step=recs[0].step,
             phase=st.phase.value,
+            written=not d.quiet,
             verdicts={r.signal: r.verdict for r in recs},
             evidence={r.signal: r.evidence for r in recs},
             reasons=[r.reason for r in recs],

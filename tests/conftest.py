@@ -6,6 +6,7 @@ what to install.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import tempfile
@@ -22,6 +23,11 @@ from devkit.devstack import controlplane
 from devkit.devstack.controlplane import StackInfo
 
 pytest_plugins = ["tests.plugin_prometheus", "tests.daemons"]
+
+# pytest-xdist's workers export LINES=24 and COLUMNS=80; the CLI's children would take them over the size
+# of the terminal a test gives them (shutil.get_terminal_size reads the environment first).
+for _var in ("LINES", "COLUMNS"):
+    os.environ.pop(_var, None)
 
 
 @dataclass(frozen=True)

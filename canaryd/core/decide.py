@@ -53,6 +53,8 @@ class Facts:
     hooks: tuple[str, ...] = ()  # the hooks the route opted into
     hook_results: Mapping[str, tuple[bool, str]] | None = None  # key(kind, step, name) -> (2xx?, reason)
     observed: tuple[tuple[int, int], ...] | None = None  # (stable, canary) weights of each managed rule, as read
+    # When this process last judged a quiet round it did not write (engine memory; None after a restart).
+    quiet_round_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class Decision:
     transitions: tuple[str, ...] = field(default=())  # phases entered, for metrics
     call_hooks: tuple[tuple[str, str], ...] = ()  # gates to call now, (kind, name); then decide again
     fire_hooks: tuple[tuple[str, str], ...] = ()  # triggers to call after the patch (recorded in the state)
+    records: tuple[AnalysisRecord, ...] = ()  # the round judged by this call (written or not), for logs and metrics
+    quiet: bool = False  # a round that changed nothing but the evidence: not written (see _next_round)
 
 
 def weights_text(stable: str, canary: str, pct: int) -> str:
@@ -88,6 +92,7 @@ class _Run:
     events: list[Event] = field(default_factory=list)
     changed: bool = False
     consume: bool = False
+    records: tuple[AnalysisRecord, ...] = ()
 
     @property
     def now(self) -> datetime:
@@ -117,6 +122,7 @@ class _Run:
             consume_intent=self.consume,
             transitions=() if enter is None else (enter.value,),
             fire_hooks=fire,
+            records=self.records,
         )
 
     def triggers(self, kind: str, st: RolloutState) -> tuple[tuple[str, str], ...]:
@@ -402,7 +408,7 @@ def _analysing(st: RolloutState, spec: RolloutSpec) -> bool:
 def _progressing(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
     step_end = parse_ts(st.next_at)
     if st.phase == Phase.PROGRESSING and _analysing(st, spec):
-        due = parse_ts(st.next_round_at) or step_end  # rounds inside the step; the last one at its end
+        due = _round_due(run, st, spec, step_end)  # rounds inside the step; the last one at its end
         if due is not None and run.now < due:
             return run.hold(st, due)
         if run.f.observations is None:
@@ -421,8 +427,8 @@ def _paused(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
     """Paused holds the weights, but the test keeps running: evidence of harm rolls back even now."""
     if not _analysing(st, spec):
         return run.hold(st, None)
-    due = parse_ts(st.next_round_at) or run.now
-    if run.now < due:
+    due = _round_due(run, st, spec, run.now)
+    if due is not None and run.now < due:
         return run.hold(st, due)
     if run.f.observations is None:
         return _measure(st, spec, run.now)
@@ -458,8 +464,9 @@ def _tallied(
         if after is not None:
             tallies[obs.signal] = after.to_list()
     run.changed = True
-    for j in judged:
-        st = st.add_record(_analysis_record(st.step, run.now, j))
+    run.records = tuple(_analysis_record(st.step, run.now, j) for j in judged)
+    for rec in run.records:
+        st = st.add_record(rec)
     return st.with_(tallies=tallies, updated_at=ts(run.now)), tuple(judged)
 
 
@@ -492,12 +499,36 @@ def _round_after(now: datetime, st: RolloutState, spec: RolloutSpec) -> datetime
     return nxt
 
 
+def _round_due(run: _Run, st: RolloutState, spec: RolloutSpec, default: datetime | None) -> datetime | None:
+    """When the next round is due: as written, or later when this process has judged a quiet round since."""
+    due = parse_ts(st.next_round_at) or default
+    quiet = run.f.quiet_round_at
+    if quiet is None or (due is not None and quiet < due):
+        return due  # none since the written schedule (a quiet round is never judged before it is due)
+    after = _round_after(quiet, st, spec)
+    return after if due is None else max(due, after)
+
+
 def _next_round(
     run: _Run, st: RolloutState, spec: RolloutSpec, message: str | None = None, enter: Phase | None = None
 ) -> Decision:
+    """Schedule the next round. A round that changed nothing but the evidence (no harm, no error, no
+    counter moved) is not written: the counts are cumulative from ``counted_since`` and re-measured each
+    round, so nothing is lost on a restart but the round's record, and a step costs one write."""
     nxt = _round_after(run.now, st, spec)
     new = st.with_(next_round_at=ts(nxt), message=message or st.message, updated_at=ts(run.now))
+    base = run.f.state
+    if enter is None and not run.events and not run.consume and base is not None and _only_evidence(base, new):
+        return Decision(wake_at=nxt, records=run.records, quiet=True)
     return run.done(new, wake=nxt, enter=enter)
+
+
+_EVIDENCE = ("history", "tallies", "updated_at", "message", "next_round_at")
+
+
+def _only_evidence(before: RolloutState, after: RolloutState) -> bool:
+    """Whether ``after`` differs from ``before`` only in what a round records about its evidence."""
+    return replace(after, **{f: getattr(before, f) for f in _EVIDENCE}) == before
 
 
 def _on_fail(

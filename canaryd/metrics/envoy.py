@@ -5,8 +5,12 @@ Series (Envoy cluster stats, Prometheus format, summed across cilium-envoy pods)
 ``envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name, le}`` (milliseconds).
 A backend's clusters are found with ``PrometheusSettings.envoy_cluster_pattern``.
 
-A batch is answered by two queries whose selector depends only on the batch's namespaces
-(``scope``), so one answer can serve every batch of a round (see ``PrometheusAnalyzer``). The
+A batch is answered by a requests query and a latency query whose selector depends only on the
+batch's namespaces (``scope``), so one answer can serve every batch of a round (see
+``PrometheusAnalyzer``). The latency query returns the buckets (16 samples per cluster) only when a
+route of the batch judges latency (``latency-max``: the slow count needs them); otherwise
+Prometheus computes the quantile shown in the history, one sample per cluster. At 1,000 routes
+that is 2,000 samples instead of 32,000 to transfer and decode (docs/benchmarks.md). The
 answers are reduced in the worker thread to per-cluster totals and buckets (``EnvoyIndex``);
 routes are then matched through a token index of the cluster names, each backend pattern
 compiled once and kept on the signal.
@@ -41,6 +45,9 @@ _EDGE = r"(?:[/:_@,;=!~%&#<>'\x22 ]|\\[./|@:_#&~%=,;!<>]|\[[^\]\\a-z0-9^-]+\])"
 _BOUNDED_BEFORE = re.compile(rf"(?:^|\^|{_EDGE})\{{service\}}")
 _BOUNDED_AFTER = re.compile(rf"\{{service\}}(?=$|\$|{_EDGE}(?![?*]|\{{\d))")  # not optional
 _COMPILED_MAX = 8192
+# Scope markers for the latency query (NUL never occurs in a namespace or a cluster pattern).
+_BUCKETS = "\0buckets"
+_QUANTILE = "\0q="
 
 
 @dataclass(frozen=True)
@@ -75,12 +82,14 @@ class EnvoyIndex:
     """One answer of both envoy queries, reduced: what ``match`` needs and nothing else."""
 
     totals: dict[str, list[float]]  # cluster name -> [requests, 5xx, 4xx]
-    buckets: dict[str, dict[float, float]]  # cluster name -> {le: rate}
+    buckets: dict[str, dict[float, float]]  # cluster name -> {le: rate}; only for latency-max batches
+    quantiles: dict[float, dict[str, float]] = field(default_factory=dict)  # q -> cluster name -> ms
     names: list[str] = field(default_factory=list)
     by_run: dict[str, list[str]] = field(default_factory=dict)  # DNS-label run -> cluster names
 
     def __post_init__(self) -> None:
-        self.names = list(dict.fromkeys([*self.totals, *self.buckets]))
+        shown = (n for per_cluster in self.quantiles.values() for n in per_cluster)
+        self.names = list(dict.fromkeys([*self.totals, *self.buckets, *shown]))
         by_run: dict[str, list[str]] = {}
         for name in self.names:
             for run in set(_NOT_DNS.split(name)):
@@ -115,6 +124,13 @@ def _reduce_requests(label: str) -> Callable[[Pairs], dict[str, list[float]]]:
             elif code.startswith("4"):
                 acc[2] += value
         return totals
+
+    return reduce
+
+
+def _reduce_values(label: str) -> Callable[[Pairs], dict[str, float]]:
+    def reduce(pairs: Pairs) -> dict[str, float]:
+        return {labels.get(label, ""): value for labels, value in pairs if math.isfinite(value)}
 
     return reduce
 
@@ -174,10 +190,12 @@ class EnvoySignal:
         )
 
     def scope(self, items: Sequence[EnvoyTarget]) -> frozenset[str]:
-        """The batch's namespaces when the pattern names them, else every backend pattern."""
-        if self._by_namespace:
-            return frozenset(t.namespace for t in items)
-        return frozenset(p for t in items for p in (t.stable, t.canary))
+        """The batch's namespaces when the pattern names them, else every backend pattern; plus
+        what the latency query must answer: the buckets, or the quantiles the routes show."""
+        by_ns = self._by_namespace
+        where = {t.namespace for t in items} if by_ns else {p for t in items for p in (t.stable, t.canary)}
+        latency = {_BUCKETS if t.latency_max_ms is not None else f"{_QUANTILE}{t.quantile!r}" for t in items}
+        return frozenset(where | latency)
 
     def _selector(self, scope: frozenset[str]) -> str:
         """A coarse matcher: a few namespace substrings, else the union of the patterns.
@@ -185,22 +203,36 @@ class EnvoySignal:
         A union of hundreds of ``.*``-led patterns costs Prometheus seconds per query; a few
         namespace substrings cost milliseconds. Each route's exact pattern is applied in ``match``.
         """
+        where = sorted(x for x in scope if not x.startswith("\0"))
         if self._by_namespace:
-            union = ".*(?:" + "|".join(promql.regex_escape(ns) for ns in sorted(scope)) + ").*"
+            union = ".*(?:" + "|".join(promql.regex_escape(ns) for ns in where) + ").*"
         else:
-            union = promql.regex_union(sorted(scope))
+            union = promql.regex_union(where)
         return f"{self._label}=~{promql.string_literal(union)}"
 
     async def fetch(self, client: PrometheusClient, window_s: float, scope: frozenset[str]) -> EnvoyIndex:
         selector = self._selector(scope)
         w = promql.duration(window_s)
         q_requests = f"sum by ({self._label}, {CODE_LABEL}) (increase({REQUESTS}{{{selector}}}[{w}]))"
-        q_latency = f"sum by ({self._label}, le) (rate({LATENCY_BUCKET}{{{selector}}}[{w}]))"
-        totals, buckets = await asyncio.gather(
-            client.query_reduce(q_requests, _reduce_requests(self._label)),
-            client.query_reduce(q_latency, _reduce_buckets(self._label)),
+        q_buckets = f"sum by ({self._label}, le) (rate({LATENCY_BUCKET}{{{selector}}}[{w}]))"
+        wanted = sorted(float(x.removeprefix(_QUANTILE)) for x in scope if x.startswith(_QUANTILE))
+        requests = asyncio.ensure_future(client.query_reduce(q_requests, _reduce_requests(self._label)))
+        shown = asyncio.gather(
+            *(
+                client.query_reduce(f"histogram_quantile({q!r}, {q_buckets})", _reduce_values(self._label))
+                for q in wanted
+            )
         )
-        return EnvoyIndex(totals, buckets)
+        try:
+            buckets = await client.query_reduce(q_buckets, _reduce_buckets(self._label)) if _BUCKETS in scope else {}
+            quantiles = dict(zip(wanted, await shown, strict=True))
+            return EnvoyIndex(await requests, buckets, quantiles)
+        finally:
+            for fut in (requests, shown):  # a failed query ends the fetch: the others are not waited for
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # retrieved: it was reported through the query that failed first
 
     async def measure(
         self, client: PrometheusClient, window_s: float, items: Sequence[EnvoyTarget]
@@ -225,7 +257,6 @@ class EnvoySignal:
 
     def match(self, index: EnvoyIndex, items: Sequence[EnvoyTarget]) -> list[Observation]:
         cache: dict[tuple[float, float | None, bool, str], tuple[BackendStats, int]] = {}
-        empty: dict[float, float] = {}
 
         def stats(
             pattern: str, literal: str, quantile: float, limit: float | None, count_4xx: bool
@@ -245,18 +276,13 @@ class EnvoySignal:
                     series += 1
                     req += t[0]
                     err += t[1] + (t[2] if count_4xx else 0.0)
-            if len(matched) == 1:
-                merged = index.buckets.get(matched[0], empty)
+            if limit is None and quantile in index.quantiles:
+                latency, frac = _shown_quantile(index.quantiles[quantile], matched), None
             else:
-                merged = {}
-                for n in matched:
-                    for le, v in index.buckets.get(n, empty).items():
-                        merged[le] = merged.get(le, 0.0) + v
-            frac = None if limit is None else slow_fraction(limit, merged)
-            out = cache[key] = (
-                BackendStats(req, err, histogram_quantile(quantile, merged), None if frac is None else frac * req),
-                series,
-            )
+                merged = _merged(index.buckets, matched)
+                latency = histogram_quantile(quantile, merged)
+                frac = None if limit is None else slow_fraction(limit, merged)
+            out = cache[key] = (BackendStats(req, err, latency, None if frac is None else frac * req), series)
             return out
 
         def observation(t: EnvoyTarget) -> Observation:
@@ -269,3 +295,20 @@ class EnvoySignal:
             return Observation(self.name, canary=canary, stable=stable, series=c_series + s_series)
 
         return [observation(t) for t in items]
+
+
+def _merged(buckets: Mapping[str, dict[float, float]], names: Sequence[str]) -> Mapping[float, float]:
+    if len(names) == 1:
+        return buckets.get(names[0], {})
+    merged: dict[float, float] = {}
+    for n in names:
+        for le, v in buckets.get(n, {}).items():
+            merged[le] = merged.get(le, 0.0) + v
+    return merged
+
+
+def _shown_quantile(per_cluster: Mapping[str, float], names: Sequence[str]) -> float | None:
+    """The backend's quantile from Prometheus' per-cluster answers: the largest, when a backend spans
+    several clusters (a mixture's quantile is never above its parts' largest). Shown, never judged."""
+    values = [per_cluster[n] for n in names if n in per_cluster]
+    return max(values) if values else None

@@ -27,6 +27,29 @@ from canaryd.kube.informer import Informer, Key, raw
 from devkit.devstack.controlplane import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+CHECKOUT = REPO.parent
+
+
+def runtime_python() -> str:
+    """An interpreter with canaryd's runtime dependencies only (what the image ships), none of the dev
+    tools: the dev venv's extras change what the daemon imports (structlog loads rich when it is
+    installed: 2.2 MB). Made once per pyproject.toml under ~/.cache/canaryd; canaryd itself comes
+    from the checkout (``Daemon`` puts it on PYTHONPATH)."""
+    import hashlib
+    import tomllib
+
+    pyproject = (CHECKOUT / "pyproject.toml").read_bytes()
+    deps = tomllib.loads(pyproject.decode())["project"]["dependencies"]
+    key = hashlib.sha256(json.dumps(deps).encode()).hexdigest()[:12]
+    venv = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "canaryd" / f"bench-runtime-{key}"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *deps], check=True)
+        (venv / ".installed").write_text("\n".join(deps) + "\n")
+    return str(python)
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -407,6 +430,7 @@ class Daemon:
             "CANARYD_HTTP_PORT": str(self.port),
             "CANARYD_LOG_FORMAT": "json",
             "CANARYD_IDENTITY": f"bench-{namespace}",
+            **({"PYTHONPATH": str(CHECKOUT)} if python else {}),  # another venv: canaryd from this checkout
             **(env or {}),
         }
         self._log = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed in stop()

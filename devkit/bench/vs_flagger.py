@@ -56,6 +56,7 @@ from devkit.bench.harness import (
     cluster_name,
     create_namespace,
     route_body,
+    runtime_python,
     summary,
 )
 from devkit.bench.run import RESULTS, machine
@@ -108,6 +109,7 @@ class Bench:
     flagger_dir: Path
     analysis: Analysis
     pids: dict[str, int] = field(default_factory=dict)
+    python: str | None = None  # canaryd's interpreter (None: this one)
 
 
 # --- objects both sides use ------------------------------------------------------------------
@@ -319,7 +321,8 @@ class CanarydSide(Side):
             self.traffic(self.apps[n])
 
     async def start(self) -> None:
-        self.proc = Daemon(self.b.info.kubeconfig, self.ns, self.b.prometheus.url, self.b.work / f"{self.ns}.log")
+        log_path = self.b.work / f"{self.ns}.log"
+        self.proc = Daemon(self.b.info.kubeconfig, self.ns, self.b.prometheus.url, log_path, python=self.b.python)
         await self.proc.wait_ready(timeout=120)
 
     def prepare(self, phase: str) -> None:
@@ -655,7 +658,9 @@ def ratios(c: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def run(sizes: list[int], keep: bool, out: Path, analysis: Analysis = ANALYSIS) -> dict[str, Any]:
+async def run(
+    sizes: list[int], keep: bool, out: Path, analysis: Analysis = ANALYSIS, python: str | None = None
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="canaryd-vs-flagger-"))
     started = time.monotonic()
     result: dict[str, Any] = {
@@ -673,6 +678,7 @@ async def run(sizes: list[int], keep: bool, out: Path, analysis: Analysis = ANAL
             "flagger_query": fl.success_rate_query(),
         },
         "runs": [],
+        "canaryd_python": python or sys.executable,
     }
     flagger_dir = await asyncio.to_thread(fl.flagger_dir)
     prom = PrometheusServer(work / "prometheus", scrape_interval="1s")
@@ -688,7 +694,7 @@ async def run(sizes: list[int], keep: bool, out: Path, analysis: Analysis = ANAL
         api = await new_client(info.kubeconfig)
         api.user_agent = audit.BENCH_AGENT
         try:
-            b = Bench(api, info, prom, exporter, audit.AuditLog(log), work, flagger_dir, analysis)
+            b = Bench(api, info, prom, exporter, audit.AuditLog(log), work, flagger_dir, analysis, python=python)
             b.pids = {**info.pids, "prometheus": prom.pid, "bench": os.getpid()}
             result["trigger_baseline"] = base = await trigger_baseline(b)
             for n in sizes:
@@ -725,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work dir (controller logs, audit log)")
     p.add_argument("--out", type=Path, default=RESULTS / "vs-flagger.json")
     p.add_argument(
+        "--python",
+        default="runtime",
+        help="canaryd's interpreter: 'runtime' (a venv with its runtime dependencies only, as in the image), "
+        "'current' (this one, with the dev tools) or a path",
+    )
+    p.add_argument(
         "--interval",
         type=float,
         default=ANALYSIS.interval_s,
@@ -736,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.interval < 10:  # Flagger raises any shorter interval to 10 s (Canary.GetAnalysisInterval)
         p.error("--interval below 10 s would not be equivalent: Flagger's shortest analysis interval is 10 s")
     analysis = dataclasses.replace(ANALYSIS, interval_s=args.interval)
-    result = asyncio.run(run(sizes, args.keep, args.out, analysis))
+    python = runtime_python() if args.python == "runtime" else None if args.python == "current" else str(args.python)
+    result = asyncio.run(run(sizes, args.keep, args.out, analysis, python))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} in {result['seconds']}s", flush=True)
     return 0

@@ -162,6 +162,26 @@ async def test_latency_regression_alone_fails(
     assert j.stable is not None and j.stable.latency_ms is not None and j.stable.latency_ms <= 25
 
 
+async def test_a_route_without_latency_max_shows_prometheus_quantile(
+    prometheus: PrometheusServer, exporter: MetricsExporter, analyzer: PrometheusAnalyzer
+) -> None:
+    """Without latency-max no buckets are fetched: Prometheus' histogram_quantile per cluster is shown,
+    and it agrees with the quantile computed from the buckets for a route that judges latency."""
+    ns = new_namespace()
+    exporter.set_backend(cluster(ns, "whoami", "whoami-v1"), rps=100, latency_ms=20)
+    exporter.set_backend(cluster(ns, "whoami", "whoami-v2"), rps=100, latency_ms=400)
+    await wait_for_full_window(prometheus, ns, 2)
+    issued = analyzer.client.queries_issued
+    (shown,) = await judged(analyzer, target(ns))
+    assert analyzer.client.queries_issued - issued == 2  # requests + one quantile, no bucket query
+    assert shown.verdict is Verdict.PASS, shown.reason  # latency is not judged without a limit
+    assert shown.canary is not None and shown.canary.latency_ms is not None and 250 < shown.canary.latency_ms <= 500
+    assert shown.canary.slow is None
+    (judged_j,) = await judged(analyzer, target(ns, latency_max_ms=250.0))
+    assert judged_j.canary is not None and judged_j.canary.latency_ms is not None
+    assert abs(judged_j.canary.latency_ms - shown.canary.latency_ms) <= 0.05 * shown.canary.latency_ms
+
+
 async def test_prometheus_down_is_error(tmp_path: Path) -> None:
     server = PrometheusServer(tmp_path / "prom-down")
     server.start()
@@ -205,7 +225,7 @@ async def test_batched_query_count_is_constant(
     client.queries_issued = 0
     await judged(analyzer, targets[0])
     single = client.queries_issued
-    assert single == 2  # requests by code + latency buckets
+    assert single == 2  # requests by code + the latency quantile shown (no latency-max: no buckets)
 
     await asyncio.sleep(analyzer.answer_ttl(WINDOW_S))  # let that answer expire: no sharing below
     client.queries_issued = 0

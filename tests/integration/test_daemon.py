@@ -14,7 +14,8 @@ from canaryd.core import spec as ann
 from canaryd.core.state import Phase, RolloutState, parse_ts
 from tests.conftest import Stack
 from tests.daemons import Daemon
-from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body
+from devkit.chaos.etcd_history import EtcdReader, HistoryCollector, route_key
+from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, weights
 
 
 def _state(route: dict[str, Any]) -> RolloutState | None:
@@ -30,6 +31,24 @@ async def _setup(api: client.ApiClient, namespace: str, steps: str, interval: st
         namespace,
         route_body("whoami", annotations={ann.CANARY: "whoami-v2", ann.STEPS: steps, ann.INTERVAL: interval}),
     )
+
+
+def _canary_weights_written(stack: Stack, namespace: str) -> list[int]:
+    """The canary weights of every stored revision of the route, as etcd holds them, each change once.
+
+    Read from etcd, not from the daemons' logs: a SIGKILL can land between a patch and its log line."""
+    collector = HistoryCollector(EtcdReader(stack.info.etcd_url))
+    key = route_key(namespace, "whoami")
+    collector.track(key)
+    collector.collect()
+    h = collector.keys[key]
+    assert h.complete_down_to_creation and not h.gaps, h.gaps
+    out: list[int] = []
+    for rev in h.ordered():
+        w = weights(rev.obj)["whoami-v2"]
+        if not out or out[-1] != w:
+            out.append(w)
+    return out[1:] if out and out[0] == 0 else out  # created at 0: the steps follow
 
 
 async def _at_step(api: client.ApiClient, namespace: str, step: int) -> RolloutState | None:
@@ -53,7 +72,7 @@ async def test_sigkill_mid_rollout_then_restart_resumes_the_same_step(
     daemons.append(second)
     final = await eventually(lambda: _phase(api, namespace, Phase.PROMOTED), timeout=90, what="promotion")
     # Every step was written exactly once, in order, across both processes.
-    written = [p["canary_weight"] for d in (first, second) for p in d.patches() if p.get("canary_weight") is not None]
+    written = await asyncio.to_thread(_canary_weights_written, stack, namespace)
     assert written == [10, 20, 30, 40, 100], written
     # The step running at the kill was not restarted: the next step came no earlier than it was due.
     resumed = next(p for p in second.patches() if p.get("canary_weight") is not None)
@@ -96,7 +115,7 @@ async def test_two_replicas_one_acts_failover_and_sigterm_releases_lease(
     a.stop(signal.SIGKILL)
     assert await eventually(lambda: _is(holder, "replica-b"), timeout=30, what="failover to replica-b")
     await eventually(lambda: _phase(api, namespace, Phase.PROMOTED), timeout=60, what="promotion by replica-b")
-    written = [p["canary_weight"] for d in (a, b) for p in d.patches() if p.get("canary_weight") is not None]
+    written = await asyncio.to_thread(_canary_weights_written, stack, namespace)
     assert written == [10, 20, 30, 40, 50, 60, 100], written
     assert b.patches()
 

@@ -103,12 +103,15 @@ def test_never_skips_or_repeats_a_step(verdicts: list[Verdict], ready: list[bool
     state: RolloutState | None = None
     now = T0
     written: list[int] = []
+    quiet: datetime | None = None  # the engine's memory of an unwritten round
     for i in range(60):
         r = ready[i] if i < len(ready) else True
         v = verdicts[i] if i < len(verdicts) else Verdict.PASS
-        d = run(s, state, now, canary_ready=r)
+        d = run(s, state, now, canary_ready=r, quiet_round_at=quiet)
         if d.analyze:
-            d = run(s, state, now, canary_ready=r, observations=j(v))
+            d = run(s, state, now, canary_ready=r, observations=j(v), quiet_round_at=quiet)
+            if d.quiet:
+                quiet = now
         if d.canary_pct is not None:
             written.append(d.canary_pct)
         if d.state is not None:
@@ -137,14 +140,46 @@ def test_a_clear_regression_rolls_back_mid_step() -> None:
 def test_rounds_inside_a_step_then_advance_at_its_end() -> None:
     s = spec(analysis="envoy", interval="30s", analysis_interval="10s")
     state = run(s, None, T0).state
-    written = []
+    assert state is not None
+    written: list[int | None] = []
+    writes = 0
+    quiet: datetime | None = None
     now = T0
     for _ in range(3):
         now += timedelta(seconds=10)
-        d = run(s, state, now, observations=j(Verdict.PASS))
-        state = d.state
+        d = run(s, state, now, observations=j(Verdict.PASS), quiet_round_at=quiet)
+        assert len(d.records) == 1 and d.records[0].verdict == "pass"  # every round is judged and reported
+        if d.quiet:  # what the engine does: nothing written, the round remembered
+            assert d.state is None and d.wake_at == now + timedelta(seconds=10)
+            quiet = now
+        else:
+            assert d.state is not None
+            state, writes = d.state, writes + 1
         written.append(d.canary_pct)
     assert written == [None, None, 50]  # the step advances only at its end
+    assert writes == 1  # the passing rounds inside the step cost no write; the step's end one
+    assert [h.verdict for h in state.history] == ["pass"]  # ... and records the deciding round
+
+
+def test_a_quiet_round_is_not_repeated_before_its_interval() -> None:
+    s = spec(analysis="envoy", interval="30s", analysis_interval="10s")
+    state = run(s, None, T0).state
+    t1 = T0 + timedelta(seconds=10)
+    d = run(s, state, t1, observations=j(Verdict.PASS))
+    assert d.quiet
+    later = run(s, state, t1 + timedelta(seconds=3), quiet_round_at=t1)  # an event wakes the route
+    assert not later.analyze and later.state is None and later.wake_at == t1 + timedelta(seconds=10)
+    # A restart forgets it: one round at once, and nothing is lost (the counts are cumulative).
+    assert run(s, state, t1 + timedelta(seconds=3)).analyze
+
+
+def test_a_round_that_moves_a_counter_is_written() -> None:
+    s = spec(analysis="envoy", interval="30s", analysis_interval="10s", failure_threshold="3")
+    state = run(s, None, T0).state
+    d = run(s, state, T0 + timedelta(seconds=10), observations=j(Verdict.FAIL))
+    assert not d.quiet and d.state is not None and d.state.failures == 1
+    d2 = run(s, d.state, T0 + timedelta(seconds=20), observations=j(Verdict.PASS))  # the failure count resets
+    assert not d2.quiet and d2.state is not None and d2.state.failures == 0
 
 
 def test_a_paused_bad_canary_is_rolled_back() -> None:

@@ -16,7 +16,7 @@ from canaryd.errors import MetricsError
 from canaryd.metrics import promql
 from canaryd.metrics.base import histogram_quantile
 from canaryd.metrics.custom import parse_templates
-from canaryd.metrics.envoy import EnvoyIndex, EnvoySignal, cluster_pattern, pattern_bounds_service
+from canaryd.metrics.envoy import EnvoyIndex, EnvoySignal, EnvoyTarget, cluster_pattern, pattern_bounds_service
 from canaryd.metrics.prometheus import iter_samples
 from canaryd.settings import PrometheusSettings
 from tests.specs import analysis_spec
@@ -241,3 +241,31 @@ def test_default_cluster_pattern_is_pinned_to_the_gamma_parent(name: str, matche
         PrometheusSettings().envoy_cluster_pattern, namespace="default", service="whoami-v2", port=80, parent="whoami"
     )
     assert bool(re.fullmatch(rx, name)) is matches
+
+
+def test_envoy_fetches_buckets_only_for_routes_that_judge_latency() -> None:
+    from dataclasses import replace
+
+    signal = EnvoySignal(PrometheusSettings())
+
+    def item(ns: str, **spec: object) -> EnvoyTarget:
+        t = AnalysisTarget(ns, "r", "r", 80, "r-v1", "r-v2", replace(SPEC, **spec))  # type: ignore[arg-type]
+        return signal.prepare(t)
+
+    shown, judged = item("a"), item("b", latency_max_ms=100.0)
+    scope = signal.scope([shown])
+    assert "a" in scope and not any(x.startswith("\0buckets") for x in scope)
+    assert "\0buckets" in signal.scope([shown, judged])
+    # The markers never reach the selector: it names namespaces only.
+    assert signal._selector(signal.scope([shown, judged])) == 'envoy_cluster_name=~".*(?:a|b).*"'
+
+    # Shown from Prometheus' per-cluster quantile (the largest of a backend's clusters); no slow count.
+    names = ["a/r/a_r-v1_80", "a/r/a_r-v2_80", "b/r/b_r-v1_80", "b/r/b_r-v2_80"]
+    index = EnvoyIndex(
+        {n: [100.0, 0.0, 0.0] for n in names},
+        {n: {100.0: 40.0, 500.0: 100.0, math.inf: 100.0} for n in names[2:]},
+        {SPEC.latency_quantile: {names[0]: 20.0, names[1]: 420.0}},
+    )
+    (a_obs, b_obs) = signal.match(index, [shown, judged])
+    assert a_obs.canary is not None and a_obs.canary.latency_ms == 420.0 and a_obs.canary.slow is None
+    assert b_obs.canary is not None and b_obs.canary.slow == pytest.approx(60.0)  # from the buckets
