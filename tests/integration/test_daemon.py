@@ -12,9 +12,9 @@ from kubernetes_asyncio import client
 
 from canaryd.core import spec as ann
 from canaryd.core.state import Phase, RolloutState, parse_ts
+from devkit.chaos.etcd_history import EtcdReader, HistoryCollector, route_key
 from tests.conftest import Stack
 from tests.daemons import Daemon
-from devkit.chaos.etcd_history import EtcdReader, HistoryCollector, route_key
 from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, weights
 
 
