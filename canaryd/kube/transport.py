@@ -9,10 +9,11 @@ rotating service-account tokens); client certificates, the CA, ``insecure-skip-t
   imports the API classes or the models (about 30 MB);
 - requests share at most ``REQUEST_CONNECTIONS`` connections. The library's client opens up to 100,
   and routes stepping together keep all of them open: a TLS connection holds about 0.3 MB (asyncio's
-  256 KiB read buffer, OpenSSL's state), 27 MB of a 104 MB daemon at 100 routes. 16 cost 4 MB and
-  still keep enough patches in flight for an apiserver on two cores (docs/benchmarks.md, issue 15).
-  Events, off the rollout's critical path, have ``EVENT_CONNECTIONS`` of their own, so they never
-  hold a patch's slot; watches, which hold their connection for minutes, have theirs (one each);
+  256 KiB read buffer, OpenSSL's state), 27 MB of a 104 MB daemon at 100 routes. 8 keep enough patches
+  in flight for an apiserver on two cores: at 1,000 lockstep routes 8 were no slower than 16 (and 3 MB
+  smaller at 100; docs/benchmarks.md, issue 15). Events, off the rollout's critical path, have
+  ``EVENT_CONNECTIONS`` of their own, so they never hold a patch's slot; watches, which hold their
+  connection for minutes, have theirs (one each);
 - the environment (``*_proxy``, ``~/.netrc``) is read per request only when it says anything: with
   ``trust_env`` aiohttp asks a worker thread for proxies and netrc on every request.
 """
@@ -28,8 +29,8 @@ from typing import Any, Literal
 import aiohttp
 from kubernetes_asyncio.client.configuration import Configuration
 
-REQUEST_CONNECTIONS = 16
-EVENT_CONNECTIONS = 4  # one per EventRecorder sender
+REQUEST_CONNECTIONS = 8
+EVENT_CONNECTIONS = 2
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=10)
 WATCH_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)  # the server ends a watch (timeoutSeconds)
 WATCH_READ_BUFFER = 2**21  # a watch line is one whole object; etcd's request limit is 1.5 MiB
