@@ -656,7 +656,7 @@ def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
         return gated
     if pct >= 100:
         return _promote(run, st, "all steps passed" if spec.analysis.enabled else f"all steps held, {NOT_ANALYSED}")
-    wake = run.now + timedelta(seconds=spec.interval_s)
+    wake = _step_base(run, st, spec) + timedelta(seconds=spec.interval_s)
     new = st.with_(
         phase=Phase.PROGRESSING,
         step=nxt,
@@ -675,6 +675,22 @@ def _advance(run: _Run, st: RolloutState, spec: RolloutSpec) -> Decision:
     run.event("Normal", "StepAdvanced", new.message)
     enter = Phase.PROGRESSING if st.phase != Phase.PROGRESSING else None
     return run.done(new, pct=pct, wake=wake, enter=enter, fire=run.triggers("step", new))
+
+
+GRID_SLACK_S = 2.0
+
+
+def _step_base(run: _Run, st: RolloutState, spec: RolloutSpec) -> datetime:
+    """Where the next step's interval counts from: the step's due time when it advances on time (at most
+    ``GRID_SLACK_S`` late, and never more than half an interval), else now. Steps keep to their grid, so
+    the daemon's own processing time does not accumulate step after step, and routes that step together
+    stay due together (one Prometheus answer serves their rounds). A held step (waiting, inconclusive,
+    a gate, a restart) starts its successor from when it really advanced."""
+    due = parse_ts(st.next_at)
+    if st.phase != Phase.PROGRESSING or due is None or due > run.now:
+        return run.now
+    late = (run.now - due).total_seconds()
+    return due if late <= min(GRID_SLACK_S, spec.interval_s / 2) else run.now
 
 
 # --- weights someone else overwrote (docs/gitops.md) --------------------------------------------------

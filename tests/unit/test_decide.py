@@ -225,3 +225,15 @@ def test_an_error_at_the_steps_end_waits_an_interval_too() -> None:
     d = run(s, state, end, observations=j(Verdict.ERROR))
     assert d.state is not None and d.state.errors == 1 and d.wake_at == end + timedelta(seconds=10)
     assert not run(s, d.state, end + timedelta(seconds=1)).analyze
+
+
+def test_steps_keep_to_their_grid_when_advanced_a_little_late() -> None:
+    """The daemon's processing time does not accumulate: a step advanced 0.6 s late still ends on its grid."""
+    s = spec(interval="10s")
+    first = run(s, None, T0)
+    assert first.state is not None and first.wake_at == T0 + timedelta(seconds=10)
+    late = run(s, first.state, T0 + timedelta(seconds=10.6))
+    assert late.canary_pct == 50 and late.wake_at == T0 + timedelta(seconds=20)
+    # Later than the slack (2 s, at most half an interval): the next step counts from when it advanced.
+    very = run(s, first.state, T0 + timedelta(seconds=13))
+    assert very.canary_pct == 50 and very.wake_at == T0 + timedelta(seconds=23)
