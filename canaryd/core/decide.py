@@ -110,12 +110,14 @@ class _Run:
         enter: Phase | None = None,
         write: bool = True,
         fire: tuple[tuple[str, str], ...] = (),
+        quiet: bool = False,
     ) -> Decision:
-        """The single exit: write ``state`` when asked to or when this call changed it."""
+        """The single exit: write ``state`` when asked to or when this call changed it (never when ``quiet``:
+        a round that changed only its evidence)."""
         if fire and state is not None:  # recorded in the same patch: a restart never fires them again
             state = state.with_(hooks_done=(*state.hooks_done, *(hook_key(k, state.step, n) for k, n in fire)))
         return Decision(
-            state=state if (write or self.changed) else None,
+            state=state if (write or self.changed) and not quiet else None,
             canary_pct=pct,
             events=tuple(self.events),
             wake_at=wake,
@@ -123,6 +125,7 @@ class _Run:
             transitions=() if enter is None else (enter.value,),
             fire_hooks=fire,
             records=self.records,
+            quiet=quiet,
         )
 
     def triggers(self, kind: str, st: RolloutState) -> tuple[tuple[str, str], ...]:
@@ -518,9 +521,8 @@ def _next_round(
     nxt = _round_after(run.now, st, spec)
     new = st.with_(next_round_at=ts(nxt), message=message or st.message, updated_at=ts(run.now))
     base = run.f.state
-    if enter is None and not run.events and not run.consume and base is not None and _only_evidence(base, new):
-        return Decision(wake_at=nxt, records=run.records, quiet=True)
-    return run.done(new, wake=nxt, enter=enter)
+    quiet = enter is None and not run.events and not run.consume and base is not None and _only_evidence(base, new)
+    return run.done(new, wake=nxt, enter=enter, quiet=quiet)
 
 
 _EVIDENCE = ("history", "tallies", "updated_at", "message", "next_round_at")

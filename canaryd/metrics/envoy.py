@@ -216,23 +216,17 @@ class EnvoySignal:
         q_requests = f"sum by ({self._label}, {CODE_LABEL}) (increase({REQUESTS}{{{selector}}}[{w}]))"
         q_buckets = f"sum by ({self._label}, le) (rate({LATENCY_BUCKET}{{{selector}}}[{w}]))"
         wanted = sorted(float(x.removeprefix(_QUANTILE)) for x in scope if x.startswith(_QUANTILE))
-        requests = asyncio.ensure_future(client.query_reduce(q_requests, _reduce_requests(self._label)))
-        shown = asyncio.gather(
-            *(
-                client.query_reduce(f"histogram_quantile({q!r}, {q_buckets})", _reduce_values(self._label))
-                for q in wanted
-            )
+        totals, buckets, shown = await asyncio.gather(
+            client.query_reduce(q_requests, _reduce_requests(self._label)),
+            client.query_reduce(q_buckets, _reduce_buckets(self._label)) if _BUCKETS in scope else _no_buckets(),
+            asyncio.gather(
+                *(
+                    client.query_reduce(f"histogram_quantile({q!r}, {q_buckets})", _reduce_values(self._label))
+                    for q in wanted
+                )
+            ),
         )
-        try:
-            buckets = await client.query_reduce(q_buckets, _reduce_buckets(self._label)) if _BUCKETS in scope else {}
-            quantiles = dict(zip(wanted, await shown, strict=True))
-            return EnvoyIndex(await requests, buckets, quantiles)
-        finally:
-            for fut in (requests, shown):  # a failed query ends the fetch: the others are not waited for
-                if not fut.done():
-                    fut.cancel()
-                elif not fut.cancelled():
-                    fut.exception()  # retrieved: it was reported through the query that failed first
+        return EnvoyIndex(totals, buckets, dict(zip(wanted, shown, strict=True)))
 
     async def measure(
         self, client: PrometheusClient, window_s: float, items: Sequence[EnvoyTarget]
@@ -295,6 +289,10 @@ class EnvoySignal:
             return Observation(self.name, canary=canary, stable=stable, series=c_series + s_series)
 
         return [observation(t) for t in items]
+
+
+async def _no_buckets() -> dict[str, dict[float, float]]:
+    return {}
 
 
 def _merged(buckets: Mapping[str, dict[float, float]], names: Sequence[str]) -> Mapping[float, float]:

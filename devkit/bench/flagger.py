@@ -18,7 +18,6 @@ import asyncio
 import os
 import subprocess
 import time
-import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from kubernetes_asyncio import client
 from canaryd.kube.informer import Informer, Key, raw
 from canaryd.settings import PrometheusSettings
 from devkit import DevstackError
-from devkit.bench.harness import Daemon, http_get
+from devkit.bench.harness import Daemon
 from devkit.devstack.controlplane import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +58,9 @@ def version() -> str:
 class FlaggerProcess(Daemon):
     """``flagger`` as a subprocess watching one namespace; measured like the canaryd ``Daemon``."""
 
+    name = "flagger"
+    ready_path = "/healthz"  # served once its informers have synced
+
     def __init__(self, binary: Path, kubeconfig: str, namespace: str, prometheus_url: str, log_path: Path) -> None:
         self.port = free_port()
         self.log_path = log_path
@@ -78,20 +80,6 @@ class FlaggerProcess(Daemon):
         )
         self.started = time.monotonic()
         self._cpu0 = 0.0
-
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"flagger exited with {self.proc.returncode}; log {self.log_path}")
-            try:  # served once its informers have synced
-                await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}/healthz", 2.0)
-                self.started = time.monotonic()
-                self._cpu0 = self.cpu_seconds()
-                return
-            except (urllib.error.URLError, OSError):
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"flagger not ready after {timeout:g}s; log {self.log_path}")
 
 
 # --- objects ---------------------------------------------------------------------------------

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,12 +25,63 @@ from kubernetes_asyncio import client
 
 from canaryd.core import spec as ann
 from canaryd.core.state import parse_ts
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
+from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
 from canaryd.kube.informer import Informer, Key, raw
-from devkit.devstack.controlplane import free_port
+from devkit.devstack import controlplane
+from devkit.devstack.controlplane import StackInfo, free_port
+from devkit.devstack.exporter import MetricsExporter
+from devkit.devstack.prometheus import PrometheusServer
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKOUT = REPO.parent
+
+
+@dataclass
+class BenchStack:
+    """What every bench runs on: a fresh control plane, one Prometheus scraping the synthetic exporter."""
+
+    work: Path
+    info: StackInfo
+    prometheus: PrometheusServer
+    exporter: MetricsExporter
+    api: client.ApiClient
+    prepared: Any = None  # what ``bench_stack``'s ``prepare`` returned
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU a bench reports beside the controller's."""
+        return {**self.info.pids, "prometheus": self.prometheus.pid, "bench": os.getpid()}
+
+
+@contextlib.asynccontextmanager
+async def bench_stack(
+    prefix: str, *, keep: bool = False, prepare: Callable[[StackInfo], Any] | None = None
+) -> AsyncIterator[BenchStack]:
+    """Start a bench's stack in a new work dir (Prometheus at a 1 s scrape, the exporter its target) and
+    stop all of it afterwards, the work dir too unless ``keep``. ``prepare`` runs in a thread once the
+    control plane is up, before anything else talks to it (its result is ``BenchStack.prepared``)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    prom = PrometheusServer(work / "prometheus", scrape_interval="1s")
+    exporter = MetricsExporter()
+    info = None
+    try:
+        info = await asyncio.to_thread(controlplane.start_control_plane, work / "stack")
+        prepared = await asyncio.to_thread(prepare, info) if prepare is not None else None
+        await asyncio.to_thread(prom.start, timeout=60)
+        await exporter.start()
+        prom.add_target("bench-exporter", exporter.address)
+        await prom.wait_target_up("bench-exporter", timeout=30)
+        api = await new_client(info.kubeconfig)
+        try:
+            yield BenchStack(work, info, prom, exporter, api, prepared)
+        finally:
+            await api.close()
+    finally:
+        await exporter.stop()
+        prom.stop()
+        controlplane.stop_stack(Path(info.dir) if info is not None else work / "stack")
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def runtime_python() -> str:
@@ -323,6 +377,30 @@ def pid_cpu_seconds(pid: int) -> float | None:
 # --- the daemon ------------------------------------------------------------------------------
 
 
+@dataclass
+class StepTally:
+    """The recorder's view of a run's routes: step jitter samples and route writes by cause."""
+
+    jitter: list[float] = field(default_factory=list)
+    writes: int = 0
+    moves: int = 0
+    by_cause: dict[str, int] = field(default_factory=lambda: {"step": 0, "analysis_hold": 0, "other": 0})
+
+
+def tally_steps(history: dict[str, list[Seen]], names: Iterable[str]) -> StepTally:
+    """``step_jitter``, ``step_writes`` and ``classify_writes`` summed over ``names``."""
+    t = StepTally()
+    for n in names:
+        runs = history.get(n, [])
+        t.jitter += step_jitter(runs)
+        w, m = step_writes(runs)
+        t.writes += w
+        t.moves += m
+        for k, v in classify_writes(runs).items():
+            t.by_cause[k] += v
+    return t
+
+
 def prom_text_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
     """Sum of the samples of ``name`` (exact metric name) whose labels include ``labels``."""
     total = 0.0
@@ -399,6 +477,9 @@ def http_get(url: str, timeout: float = 5.0) -> str:
 class Daemon:
     """``canaryd run --no-leader-election`` as a subprocess, scoped to one namespace."""
 
+    name = "canaryd"
+    ready_path = "/readyz"  # served once the process is ready
+
     def __init__(
         self,
         kubeconfig: str,
@@ -451,15 +532,15 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"canaryd exited with {self.proc.returncode}; log {self.log_path}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log {self.log_path}")
             try:
-                await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}/readyz", 2.0)
+                await asyncio.to_thread(http_get, f"http://127.0.0.1:{self.port}{self.ready_path}", 2.0)
                 self.started = time.monotonic()
                 self._cpu0 = self.cpu_seconds()
                 return
             except (urllib.error.URLError, OSError):
                 await asyncio.sleep(0.2)
-        raise TimeoutError(f"canaryd not ready after {timeout:g}s; log {self.log_path}")
+        raise TimeoutError(f"{self.name} not ready after {timeout:g}s; log {self.log_path}")
 
     def cpu_seconds(self) -> float:
         # utime and stime are fields 14 and 15 of stat(5); after ')' the list starts at field 3.

@@ -13,21 +13,16 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from canaryd.kube import new_client
 from devkit.bench import scenarios
+from devkit.bench.harness import bench_stack
 from devkit.bench.scenarios import Env
-from devkit.devstack import controlplane
-from devkit.devstack.exporter import MetricsExporter
-from devkit.devstack.prometheus import PrometheusServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("reaction", "rollback", "scale", "profile")
@@ -94,7 +89,6 @@ async def run(
     memtrace_dir: Path | None = None,
     daemon_python: str | None = None,
 ) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix=f"canaryd-bench-{name}-"))
     started = time.monotonic()
     result: dict[str, Any] = {
         "name": name,
@@ -103,71 +97,53 @@ async def run(
         "machine": machine(),
         "note": "other test runs may share this 2-core machine; figures from a loaded machine are pessimistic",
     }
-    prom = PrometheusServer(work / "prometheus", scrape_interval="1s")
-    exporter = MetricsExporter()
-    info = None
-    try:
-        info = await asyncio.to_thread(controlplane.start_control_plane, work / "stack")
-        await asyncio.to_thread(prom.start, timeout=60)
-        await exporter.start()
-        prom.add_target("bench-exporter", exporter.address)
-        await prom.wait_target_up("bench-exporter", timeout=30)
-        api = await new_client(info.kubeconfig)
-        try:
-            pids = {**info.pids, "prometheus": prom.pid, "bench": os.getpid()}
-            env = Env(
-                api=api,
-                kubeconfig=info.kubeconfig,
-                prometheus=prom,
-                exporter=exporter,
-                work=work,
-                pids=pids,
-                daemon_env=dict(daemon_env or {}),
-                memtrace_dir=memtrace_dir,
-                daemon_python=daemon_python,
-            )
-            if daemon_env:
-                result["daemon_env"] = dict(daemon_env)
-            if "reaction" in phases:
-                print(f"reaction: {sizes.reaction_routes} routes", flush=True)
-                result["reaction"] = await scenarios.reaction(env, sizes.reaction_routes)
-            if "rollback" in phases:
-                print(f"rollback: {list(sizes.rollback_scenarios)} x {sizes.rollback_routes} routes", flush=True)
-                result["rollback"] = await scenarios.rollback(
-                    env, list(sizes.rollback_scenarios), sizes.rollback_routes
-                )
-            if "scale" in phases:
-                result["scale"] = []
-                for n in sizes.scale_routes:
-                    print(f"scale: {n} routes", flush=True)
-                    result["scale"].append(
-                        await scenarios.scale(env, n, interval_s=sizes.scale_interval_s, steps=sizes.scale_steps)
-                    )
-            if "profile" in phases and sizes.profile_routes:
-                print(f"profile: {sizes.profile_routes} routes under pyinstrument", flush=True)
-                prof = out.with_name(f"{name}-profile.txt")
-                r = await scenarios.scale(
-                    env,
-                    sizes.profile_routes,
-                    interval_s=sizes.scale_interval_s,
-                    steps=sizes.scale_steps,
-                    profile_to=prof,
-                )
-                result["profile"] = r
-        finally:
-            await api.close()
-    finally:
-        await exporter.stop()
-        prom.stop()
-        if info is not None:
-            controlplane.stop_stack(Path(info.dir))
-        else:
-            controlplane.stop_stack(work / "stack")
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+    async with bench_stack(f"canaryd-bench-{name}-", keep=keep) as stack:
+        env = Env(
+            api=stack.api,
+            kubeconfig=stack.info.kubeconfig,
+            prometheus=stack.prometheus,
+            exporter=stack.exporter,
+            work=stack.work,
+            pids=stack.pids,
+            daemon_env=dict(daemon_env or {}),
+            memtrace_dir=memtrace_dir,
+            daemon_python=daemon_python,
+        )
+        if daemon_env:
+            result["daemon_env"] = dict(daemon_env)
+        await _phases(env, name, sizes, phases, out, result)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
+
+
+async def _phases(
+    env: Env, name: str, sizes: Sizes, phases: tuple[str, ...], out: Path, result: dict[str, Any]
+) -> None:
+    if "reaction" in phases:
+        print(f"reaction: {sizes.reaction_routes} routes", flush=True)
+        result["reaction"] = await scenarios.reaction(env, sizes.reaction_routes)
+    if "rollback" in phases:
+        print(f"rollback: {list(sizes.rollback_scenarios)} x {sizes.rollback_routes} routes", flush=True)
+        result["rollback"] = await scenarios.rollback(env, list(sizes.rollback_scenarios), sizes.rollback_routes)
+    if "scale" in phases:
+        result["scale"] = []
+        for n in sizes.scale_routes:
+            print(f"scale: {n} routes", flush=True)
+            result["scale"].append(
+                await scenarios.scale(env, n, interval_s=sizes.scale_interval_s, steps=sizes.scale_steps)
+            )
+    if "profile" in phases and sizes.profile_routes:
+        print(f"profile: {sizes.profile_routes} routes under pyinstrument", flush=True)
+        prof = out.with_name(f"{name}-profile.txt")
+        r = await scenarios.scale(
+            env,
+            sizes.profile_routes,
+            interval_s=sizes.scale_interval_s,
+            steps=sizes.scale_steps,
+            profile_to=prof,
+        )
+        result["profile"] = r
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from devkit.bench.harness import (
     RouteRecorder,
     Seen,
     annotate_route,
-    classify_writes,
     cluster_name,
     create_apps,
     create_namespace,
@@ -30,9 +29,8 @@ from devkit.bench.harness import (
     prom_histogram,
     prom_text_value,
     share_within,
-    step_jitter,
-    step_writes,
     summary,
+    tally_steps,
 )
 from devkit.devstack.exporter import MetricsExporter
 from devkit.devstack.prometheus import PrometheusServer
@@ -348,17 +346,8 @@ async def scale(
     q1 = prometheus_queries(env.prometheus)
     events = await event_reasons(env.api, ns)  # after the daemon's shutdown flush
 
-    jitter: list[float] = []
-    writes = moves = 0
-    by_cause = {"step": 0, "analysis_hold": 0, "other": 0}
-    for n in names:
-        runs = rec.history.get(n, [])
-        jitter += step_jitter(runs)
-        w, m = step_writes(runs)
-        writes += w
-        moves += m
-        for k, v in classify_writes(runs).items():
-            by_cause[k] += v
+    t = tally_steps(rec.history, names)
+    jitter, writes, moves, by_cause = t.jitter, t.writes, t.moves, t.by_cause
     patches = prom_text_value(metrics, "canaryd_route_patches_total")
     rounds = prom_text_value(metrics, "canaryd_analysis_total")
     queries = q1 - q0

@@ -26,9 +26,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from functools import partial
@@ -39,13 +37,14 @@ from kubernetes_asyncio import client
 
 from canaryd.core import spec as ann
 from canaryd.core.shards import shard_of
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
+from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
 from devkit.bench.harness import (
     REPO,
+    BenchStack,
     Daemon,
     RouteRecorder,
+    bench_stack,
     bounded,
-    classify_writes,
     cluster_name,
     create_namespace,
     pid_cpu_seconds,
@@ -53,16 +52,12 @@ from devkit.bench.harness import (
     route_body,
     service_body,
     slice_body,
-    step_jitter,
-    step_writes,
     summary,
+    tally_steps,
 )
 from devkit.bench.run import RESULTS, machine
 from devkit.bench.scenarios import prometheus_queries
-from devkit.devstack import controlplane
 from devkit.devstack.controlplane import free_port
-from devkit.devstack.exporter import MetricsExporter
-from devkit.devstack.prometheus import PrometheusServer
 
 SIZES = (2500, 5000, 10000)
 
@@ -168,11 +163,9 @@ async def _wait_own_shards(daemons: list[ShardDaemon], timeout: float = 120.0) -
 
 
 async def one_size(
-    env: dict[str, Any], routes: int, *, shards: int, groups: int, interval_s: float, steps: str
+    stack: BenchStack, routes: int, *, shards: int, groups: int, interval_s: float, steps: str
 ) -> dict[str, Any]:
-    api: client.ApiClient = env["api"]
-    prom: PrometheusServer = env["prometheus"]
-    exporter: MetricsExporter = env["exporter"]
+    api, prom, exporter = stack.api, stack.prometheus, stack.exporter
     ns = f"shards{routes}"
     await create_namespace(api, ns)
     names = [f"r{i:05d}" for i in range(routes)]
@@ -184,10 +177,10 @@ async def one_size(
     await rec.start()
     daemons = [
         ShardDaemon(
-            env["kubeconfig"],
+            stack.info.kubeconfig,
             ns,
             prom.url,
-            env["work"] / f"canaryd-{ns}-{i}.log",
+            stack.work / f"canaryd-{ns}-{i}.log",
             identity=f"canaryd-{i}",
             shards=shards,
         )
@@ -206,7 +199,7 @@ async def one_size(
         await asyncio.gather(*(d.wait_ready(timeout=180) for d in daemons))
         await _wait_own_shards(daemons)
         q0, t0 = prometheus_queries(prom), time.monotonic()
-        cpu0 = _cpu(env["pids"])
+        cpu0 = _cpu(stack.pids)
         load_start = [round(x, 2) for x in os.getloadavg()]
         bodies = [shared_route(i, n, groups, annotations) for i, n in enumerate(names)]
         lag = await create_staggered(api, ns, bodies, interval_s)
@@ -217,7 +210,7 @@ async def one_size(
         except TimeoutError:
             timed_out = True
         wall = time.monotonic() - t0
-        cpu1 = _cpu(env["pids"])
+        cpu1 = _cpu(stack.pids)
         usage = [{"identity": d.identity, **d.usage(), "rss_mb_end": round(d.rss_mb(), 1)} for d in daemons]
         metrics = [d.metrics() for d in daemons]
         load_end = [round(x, 2) for x in os.getloadavg()]
@@ -229,17 +222,8 @@ async def one_size(
             exporter.remove_backend(c)
     q1 = prometheus_queries(prom)
 
-    jitter: list[float] = []
-    writes = moves = 0
-    by_cause = {"step": 0, "analysis_hold": 0, "other": 0}
-    for n in names:
-        runs = rec.history.get(n, [])
-        jitter += step_jitter(runs)
-        w, m = step_writes(runs)
-        writes += w
-        moves += m
-        for k, v in classify_writes(runs).items():
-            by_cause[k] += v
+    t = tally_steps(rec.history, names)
+    jitter, writes, moves, by_cause = t.jitter, t.writes, t.moves, t.by_cause
     rounds = sum(prom_text_value(t, "canaryd_analysis_total") for t in metrics)
     patches = [prom_text_value(t, "canaryd_route_patches_total") for t in metrics]
     queries = q1 - q0
@@ -278,7 +262,6 @@ async def one_size(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="canaryd-bench-shards-"))
     started = time.monotonic()
     result: dict[str, Any] = {
         "name": "shards",
@@ -288,50 +271,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "note": "other helpers' test runs share this 2-core machine; figures from a loaded machine are pessimistic",
         "sizes": [],
     }
-    prom = PrometheusServer(work / "prometheus", scrape_interval="1s")
-    exporter = MetricsExporter()
-    info = None
-    try:
-        info = await asyncio.to_thread(controlplane.start_control_plane, work / "stack")
-        await asyncio.to_thread(prom.start, timeout=60)
-        await exporter.start()
-        prom.add_target("bench-exporter", exporter.address)
-        await prom.wait_target_up("bench-exporter", timeout=30)
-        api = await new_client(info.kubeconfig)
-        try:
-            env = {
-                "api": api,
-                "kubeconfig": info.kubeconfig,
-                "prometheus": prom,
-                "exporter": exporter,
-                "work": work,
-                "pids": {**info.pids, "prometheus": prom.pid, "bench": os.getpid()},
-            }
-            for n in args.routes:
-                print(f"shards: {n} routes over {args.shards} shards, interval {args.interval:g}s", flush=True)
-                r = await one_size(
-                    env, n, shards=args.shards, groups=args.groups, interval_s=args.interval, steps=args.steps
-                )
-                result["sizes"].append(r)
-                j = r["step_jitter_seconds"]
-                print(
-                    f"  promoted={r['all_promoted']} jitter p50/p99/max {j['p50']}/{j['p99']}/{j['max']} s, "
-                    f"daemon writes/step {r['daemon_writes_per_step']}, "
-                    f"queries/round {r['prometheus_queries_per_round']}, "
-                    f"RSS {[d['peak_rss_mb'] for d in r['daemons']]} MB",
-                    flush=True,
-                )
-                if time.monotonic() - started > args.budget:
-                    result["stopped_early"] = f"over the {args.budget:g}s budget after {n} routes"
-                    break
-        finally:
-            await api.close()
-    finally:
-        await exporter.stop()
-        prom.stop()
-        controlplane.stop_stack(Path(info.dir) if info is not None else work / "stack")
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    async with bench_stack("canaryd-bench-shards-", keep=args.keep) as stack:
+        for n in args.routes:
+            print(f"shards: {n} routes over {args.shards} shards, interval {args.interval:g}s", flush=True)
+            r = await one_size(
+                stack, n, shards=args.shards, groups=args.groups, interval_s=args.interval, steps=args.steps
+            )
+            result["sizes"].append(r)
+            j = r["step_jitter_seconds"]
+            print(
+                f"  promoted={r['all_promoted']} jitter p50/p99/max {j['p50']}/{j['p99']}/{j['max']} s, "
+                f"daemon writes/step {r['daemon_writes_per_step']}, "
+                f"queries/round {r['prometheus_queries_per_round']}, "
+                f"RSS {[d['peak_rss_mb'] for d in r['daemons']]} MB",
+                flush=True,
+            )
+            if time.monotonic() - started > args.budget:
+                result["stopped_early"] = f"over the {args.budget:g}s budget after {n} routes"
+                break
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.monotonic() - started, 1)
     return result

@@ -28,9 +28,7 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from canaryd.core import spec as ann
-from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES, new_client
+from canaryd.kube import GATEWAY_GROUP, GATEWAY_VERSION, HTTPROUTES
 from devkit.bench import audit
 from devkit.bench import flagger as fl
 from devkit.bench.flagger import Analysis, CanaryWatch, FlaggerProcess, backend_weight
@@ -52,6 +50,7 @@ from devkit.bench.harness import (
     RouteRecorder,
     Seen,
     annotate_route,
+    bench_stack,
     bounded,
     cluster_name,
     create_namespace,
@@ -661,7 +660,6 @@ def ratios(c: dict[str, Any], f: dict[str, Any]) -> dict[str, Any]:
 async def run(
     sizes: list[int], keep: bool, out: Path, analysis: Analysis = ANALYSIS, python: str | None = None
 ) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="canaryd-vs-flagger-"))
     started = time.monotonic()
     result: dict[str, Any] = {
         "name": "vs-flagger",
@@ -681,44 +679,29 @@ async def run(
         "canaryd_python": python or sys.executable,
     }
     flagger_dir = await asyncio.to_thread(fl.flagger_dir)
-    prom = PrometheusServer(work / "prometheus", scrape_interval="1s")
-    exporter = MetricsExporter()
-    info = None
-    try:
-        info = await asyncio.to_thread(controlplane.start_control_plane, work / "stack")
-        log = await asyncio.to_thread(prepare_stack, info, flagger_dir / "crd.yaml")
-        await asyncio.to_thread(prom.start, timeout=60)
-        await exporter.start()
-        prom.add_target("bench-exporter", exporter.address)
-        await prom.wait_target_up("bench-exporter", timeout=30)
-        api = await new_client(info.kubeconfig)
-        api.user_agent = audit.BENCH_AGENT
-        try:
-            b = Bench(api, info, prom, exporter, audit.AuditLog(log), work, flagger_dir, analysis, python=python)
-            b.pids = {**info.pids, "prometheus": prom.pid, "bench": os.getpid()}
-            result["trigger_baseline"] = base = await trigger_baseline(b)
-            for n in sizes:
-                entry: dict[str, Any] = {"rollouts": n}
-                result["runs"].append(entry)
-                for cls in (CanarydSide, FlaggerSide):
-                    side = cls(b, n)
-                    print(f"{n} rollouts: {side.label} in {side.ns}", flush=True)
-                    try:
-                        entry[side.label] = await measure(side, base["cluster_writes_per_trigger"])
-                    except (TimeoutError, RuntimeError) as exc:  # report how far it got, go on
-                        entry[side.label] = {"error": str(exc), "namespace": side.ns}
-                        print(f"  {side.label}: {exc}", flush=True)
-                    out.write_text(json.dumps(result, indent=2) + "\n")  # noqa: ASYNC240 - keep what is measured so far
-                if "error" not in entry.get("canaryd", {}) and "error" not in entry.get("flagger", {}):
-                    entry["flagger_over_canaryd"] = ratios(entry["canaryd"], entry["flagger"])
-        finally:
-            await api.close()
-    finally:
-        await exporter.stop()
-        prom.stop()
-        controlplane.stop_stack(Path(info.dir) if info is not None else work / "stack")
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+    crd = flagger_dir / "crd.yaml"
+    async with bench_stack("canaryd-vs-flagger-", keep=keep, prepare=lambda info: prepare_stack(info, crd)) as st:
+        st.api.user_agent = audit.BENCH_AGENT
+        b = Bench(
+            st.api, st.info, st.prometheus, st.exporter, audit.AuditLog(st.prepared), st.work, flagger_dir, analysis
+        )
+        b.pids, b.python = st.pids, python
+        result["trigger_baseline"] = base = await trigger_baseline(b)
+        for n in sizes:
+            entry: dict[str, Any] = {"rollouts": n}
+            result["runs"].append(entry)
+            for cls in (CanarydSide, FlaggerSide):
+                side = cls(b, n)
+                print(f"{n} rollouts: {side.label} in {side.ns}", flush=True)
+                try:
+                    entry[side.label] = await measure(side, base["cluster_writes_per_trigger"])
+                except (TimeoutError, RuntimeError) as exc:  # report how far it got, go on
+                    entry[side.label] = {"error": str(exc), "namespace": side.ns}
+                    print(f"  {side.label}: {exc}", flush=True)
+                out.write_text(json.dumps(result, indent=2) + "\n")  # noqa: ASYNC240 - keep what is measured so far
+            if "error" not in entry.get("canaryd", {}) and "error" not in entry.get("flagger", {}):
+                entry["flagger_over_canaryd"] = ratios(entry["canaryd"], entry["flagger"])
+        work = st.work
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.monotonic() - started, 1)
     result["work_dir"] = str(work) if keep else None

@@ -13,9 +13,10 @@ from kubernetes_asyncio import client
 from canaryd.core import spec as ann
 from canaryd.core.state import Phase, RolloutState, parse_ts
 from devkit.chaos.etcd_history import EtcdReader, HistoryCollector, route_key
+from devkit.chaos.invariants import canary_pct
 from tests.conftest import Stack
 from tests.daemons import Daemon
-from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body, weights
+from tests.kubeobjects import create_backend, create_route, eventually, get_route, route_body
 
 
 def _state(route: dict[str, Any]) -> RolloutState | None:
@@ -43,12 +44,14 @@ def _canary_weights_written(stack: Stack, namespace: str) -> list[int]:
     collector.collect()
     h = collector.keys[key]
     assert h.complete_down_to_creation and not h.gaps, h.gaps
-    out: list[int] = []
+    out: list[int | None] = []
     for rev in h.ordered():
-        w = weights(rev.obj)["whoami-v2"]
+        w = canary_pct(rev.obj, "whoami-v1", "whoami-v2")
         if not out or out[-1] != w:
             out.append(w)
-    return out[1:] if out and out[0] == 0 else out  # created at 0: the steps follow
+    steps = out[1:] if out and out[0] == 0 else out  # created at 0: the steps follow
+    assert None not in steps, "a revision without the managed pair"
+    return [w for w in steps if w is not None]
 
 
 async def _at_step(api: client.ApiClient, namespace: str, step: int) -> RolloutState | None:
